@@ -1,0 +1,139 @@
+"""XenStore path syntax: validation, canonical form, relative paths and special ``@`` names.
+
+Paths are kept as ``str`` internally: the allowed alphabet is ASCII, so byte order and ``str``
+order agree, which lets the store's sorted index list children in the byte order Part A promises.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .wire import XsError
+
+INTRODUCE_DOMAIN = "@introduceDomain"
+RELEASE_DOMAIN = "@releaseDomain"
+SPECIAL_NAMES = (INTRODUCE_DOMAIN, RELEASE_DOMAIN)
+
+# Allowed bytes: A-Z a-z 0-9 - / _ @ (xenstore.txt); '.' is not among them.
+_VALID = re.compile(r"[A-Za-z0-9/_@-]*\Z")
+_DOMAIN_HOME = re.compile(r"/local/domain/[0-9]{1,5}/")
+_SPECIAL_SUFFIX = re.compile(r"/(0|[1-9][0-9]{0,4})\Z")
+
+ROOT = "/"
+
+
+def home_of(domid: int) -> str:
+    return f"/local/domain/{domid}"
+
+
+def decode(raw: bytes) -> str:
+    """Bytes from the wire to a path string; anything outside ASCII is simply an invalid path."""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise XsError("EINVAL", "path is not ASCII") from None
+
+
+def _check_absolute(path: str) -> None:
+    if not _VALID.match(path):
+        raise XsError("EINVAL", "invalid character in path")
+    if path != ROOT:
+        if path.endswith("/"):
+            raise XsError("EINVAL", "trailing slash")
+        if "//" in path:
+            raise XsError("EINVAL", "empty path component")
+
+
+def canonicalize(path: str, home: str) -> str:
+    """Absolute, validated form of a node path; relative paths hang below ``home``.
+
+    ``@`` names are not nodes: operations on nodes refuse them with EINVAL.
+    """
+    if not path:
+        raise XsError("EINVAL", "empty path")
+    if path[0] == "@":
+        raise XsError("EINVAL", "special path not allowed here")
+    if path[0] != "/":
+        path = f"{home}/{path}"
+    _check_absolute(path)
+    return path
+
+
+def is_special(path: str) -> bool:
+    return path.startswith("@")
+
+
+def canonicalize_special(path: str) -> str:
+    """Validate ``@introduceDomain``/``@releaseDomain`` with an optional ``/<domid>`` suffix."""
+    if not _VALID.match(path):
+        raise XsError("EINVAL", "invalid character in special path")
+    for name in SPECIAL_NAMES:
+        if path == name:
+            return path
+        if path.startswith(name) and _SPECIAL_SUFFIX.match(path, len(name)):
+            return path
+    raise XsError("EINVAL", "unknown special path")
+
+
+def canonicalize_any(path: str, home: str) -> str:
+    """For WATCH/UNWATCH/GET_PERMS/SET_PERMS, which also take the special names."""
+    if path.startswith("@"):
+        return canonicalize_special(path)
+    return canonicalize(path, home)
+
+
+def effective_length(path: str) -> int:
+    """Length that counts against path-max: the part below ``/local/domain/<id>/`` if any.
+
+    Measuring below the home keeps a guest's paths valid when it migrates to another domid.
+    """
+    m = _DOMAIN_HOME.match(path)
+    return len(path) - (m.end() if m else 0)
+
+
+def parent(path: str) -> str:
+    """Parent of a non-root absolute path."""
+    idx = path.rfind("/")
+    return ROOT if idx <= 0 else path[:idx]
+
+
+def basename(path: str) -> str:
+    return path[path.rfind("/") + 1 :]
+
+
+def join(parent_path: str, name: str) -> str:
+    return f"/{name}" if parent_path == ROOT else f"{parent_path}/{name}"
+
+
+def ancestors(path: str) -> list[str]:
+    """``path`` then each ancestor up to ``/``: the watch paths a change of ``path`` can fire."""
+    out = [path]
+    while path != ROOT:
+        path = parent(path)
+        out.append(path)
+    return out
+
+
+def depth_below(path: str, ancestor: str) -> int:
+    """How many levels ``path`` lies below ``ancestor`` (0 when equal)."""
+    if path == ancestor:
+        return 0
+    if ancestor == ROOT:
+        return path.count("/")
+    return path.count("/") - ancestor.count("/")
+
+
+def is_descendant_or_self(path: str, ancestor: str) -> bool:
+    if path == ancestor:
+        return True
+    if ancestor == ROOT:
+        return path.startswith("/")
+    return path.startswith(ancestor + "/")
+
+
+def relative_to(path: str, home: str) -> str:
+    """Event path as seen by a watch registered relative to ``home``."""
+    prefix = home + "/"
+    if path.startswith(prefix):
+        return path[len(prefix) :]
+    return path

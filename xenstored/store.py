@@ -1,0 +1,253 @@
+"""The MVCC node table: every committed version of every node, stamped with a generation.
+
+A transaction is just a snapshot generation plus a private write set (see transactions.py), so
+starting one copies nothing.  Reading at a snapshot finds the newest version not newer than the
+snapshot; versions no open snapshot can see any more are reclaimed as the oldest snapshot moves on.
+
+Layout, chosen for memory (the store may hold 10^5 nodes):
+
+* ``_versions[path]`` is a bare :class:`Node` in the common case of one live version, or a list of
+  ``(generation, Node | None)`` pairs (oldest first, ``None`` = deleted) while older versions are
+  still visible to some snapshot.
+* ``_index`` is a sorted list of ``parent + "\\0" + name`` keys, one per path present in
+  ``_versions``.  NUL sorts below every path character, so the children of a node form one
+  contiguous run in byte order: DIRECTORY is a range scan, O(children), already sorted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from sortedcontainers import SortedList
+
+from .paths import ROOT, join, parent
+from .perms import Perms, owner_only
+
+
+class Node:
+    """One immutable version of a node.
+
+    ``vgen`` moves when the value or permissions change, ``cgen`` when the child list changes:
+    keeping them apart lets a transaction that only read a node's value survive another one
+    adding a child under it (the blind-create merge of Part A).
+    """
+
+    __slots__ = ("value", "perms", "vgen", "cgen")
+
+    def __init__(self, value: bytes, perms: Perms, vgen: int, cgen: int) -> None:
+        self.value = value
+        self.perms = perms
+        self.vgen = vgen
+        self.cgen = cgen
+
+    @property
+    def gen(self) -> int:
+        """The generation DIRECTORY_PART reports: any change to the node moves it."""
+        return self.vgen if self.vgen > self.cgen else self.cgen
+
+    @property
+    def owner(self) -> int:
+        return self.perms[0].domid
+
+    def __repr__(self) -> str:
+        return f"Node({self.value!r}, {self.perms!r}, v{self.vgen}, c{self.cgen})"
+
+
+Version = tuple[int, "Node | None"]
+
+_HI = "\x01"  # upper bound of a child-key range: just above the NUL separator
+
+
+def _key(path: str) -> str:
+    p = parent(path)
+    return p + "\0" + path[len(p) + (0 if p == ROOT else 1) :]
+
+
+class Store:
+    """Committed state.  Mutated only by :meth:`apply`, one generation per commit."""
+
+    def __init__(self) -> None:
+        self.gen = 0
+        self._versions: dict[str, Node | list[Version]] = {}
+        self._index: SortedList = SortedList()
+        self._snapshots: SortedList = SortedList()
+        self._garbage: deque[tuple[int, str]] = deque()
+        # Live nodes per owner domain: the nodes quota, kept exact at every commit.
+        self.owned: dict[int, int] = {}
+        self._versions[ROOT] = Node(b"", owner_only(0), 0, 0)
+        self.owned[0] = 1
+
+    # ----------------------------------------------------------------------------- reading
+    def __len__(self) -> int:
+        return sum(1 for _ in self.walk())
+
+    def get(self, path: str) -> Node | None:
+        """Current committed node."""
+        v = self._versions.get(path)
+        if v is None or type(v) is Node:
+            return v
+        return v[-1][1]  # type: ignore[index]
+
+    def get_at(self, path: str, snap: int) -> Node | None:
+        """The node as a snapshot taken at generation ``snap`` sees it."""
+        v = self._versions.get(path)
+        if v is None:
+            return None
+        if type(v) is Node:
+            return v if v.gen <= snap else None
+        for gen, node in reversed(v):  # type: ignore[arg-type]
+            if gen <= snap:
+                return node
+        return None
+
+    def child_names(self, path: str, snap: int | None = None) -> list[str]:
+        """Names of the children of ``path`` in byte order, live or at a snapshot."""
+        lo = path + "\0"
+        start = len(lo)
+        out: list[str] = []
+        getter = self.get if snap is None else (lambda p: self.get_at(p, snap))
+        for key in self._index.irange(lo, path + _HI, inclusive=(True, False)):
+            name = key[start:]
+            if getter(join(path, name)) is not None:
+                out.append(name)
+        return out
+
+    def walk(self, path: str = ROOT) -> Iterator[str]:
+        """Live paths of the subtree at ``path``, pre-order, iteratively (XSA-418: no recursion)."""
+        if self.get(path) is None:
+            return
+        stack = [path]
+        while stack:
+            p = stack.pop()
+            yield p
+            stack.extend(join(p, n) for n in reversed(self.child_names(p)))
+
+    # ----------------------------------------------------------------------------- snapshots
+    def open_snapshot(self) -> int:
+        snap = self.gen
+        self._snapshots.add(snap)
+        return snap
+
+    def close_snapshot(self, snap: int) -> None:
+        self._snapshots.remove(snap)
+        self._collect()
+
+    @property
+    def open_snapshots(self) -> int:
+        return len(self._snapshots)
+
+    def _horizon(self) -> int:
+        return self._snapshots[0] if self._snapshots else self.gen
+
+    def _collect(self) -> None:
+        """Drop versions that no open or future snapshot can see.  Amortised O(1) per write."""
+        horizon = self._horizon()
+        garbage = self._garbage
+        versions = self._versions
+        while garbage and garbage[0][0] <= horizon:
+            _, path = garbage.popleft()
+            v = versions.get(path)
+            if v is None or type(v) is Node:
+                continue
+            # Keep the newest version visible at the horizon and everything after it.
+            keep = 0
+            for i, (gen, _node) in enumerate(v):  # type: ignore[arg-type]
+                if gen <= horizon:
+                    keep = i
+            rest = v[keep:]  # type: ignore[index]
+            if len(rest) == 1:
+                node = rest[0][1]
+                if node is None:
+                    del versions[path]
+                    self._index.remove(_key(path))
+                else:
+                    versions[path] = node
+            else:
+                versions[path] = rest
+
+    # ----------------------------------------------------------------------------- writing
+    def _put(self, path: str, node: Node | None, gen: int) -> None:
+        versions = self._versions
+        v = versions.get(path)
+        if v is None:
+            if node is None:
+                return
+            if self._snapshots:
+                versions[path] = [(gen, node)]
+            else:
+                versions[path] = node
+            self._index.add(_key(path))
+            return
+        if type(v) is Node:
+            if not self._snapshots and node is not None:
+                versions[path] = node
+                return
+            if not self._snapshots and node is None:
+                del versions[path]
+                self._index.remove(_key(path))
+                return
+            if v.gen == gen:  # second write in the same commit (a parent's cgen)
+                versions[path] = [(gen, node)]
+            else:
+                versions[path] = [(v.gen, v), (gen, node)]
+        else:
+            if v[-1][0] == gen:  # type: ignore[index]
+                v[-1] = (gen, node)  # type: ignore[index]
+            else:
+                v.append((gen, node))  # type: ignore[union-attr]
+        self._garbage.append((gen, path))
+
+    def apply(self, writes: dict[str, Node | None]) -> tuple[int, dict[str, Node | None]]:
+        """Install a validated write set as one new generation.
+
+        ``writes`` maps each path to its new node (value and perms; generations are assigned
+        here) or None for deletion.  Parents whose child list changes get a new ``cgen``.
+        Returns the generation and the nodes as they were before, for watch filtering.
+        """
+        gen = self.gen + 1
+        old: dict[str, Node | None] = {}
+        touched_parents: set[str] = set()
+        owned = self.owned
+        get = self.get
+        for path, new in writes.items():
+            cur = get(path)
+            old[path] = cur
+            if cur is None and new is None:
+                continue
+            if cur is not None:
+                o = cur.owner
+                n = owned[o] - 1
+                if n:
+                    owned[o] = n
+                else:
+                    del owned[o]
+            if new is None:
+                if path != ROOT:
+                    touched_parents.add(parent(path))
+                self._put(path, None, gen)
+                continue
+            o = new.owner
+            owned[o] = owned.get(o, 0) + 1
+            if cur is None:
+                if path != ROOT:
+                    touched_parents.add(parent(path))
+                node = Node(new.value, new.perms, gen, gen)
+            else:
+                node = Node(new.value, new.perms, gen, cur.cgen)
+            self._put(path, node, gen)
+        for p in touched_parents:
+            cur = get(p)
+            if cur is not None:
+                self._put(p, Node(cur.value, cur.perms, cur.vgen, gen), gen)
+        self.gen = gen
+        self._collect()
+        return gen, old
+
+    def paths(self) -> Iterable[str]:
+        """Every path with a live node, in no particular order (for whole-store maintenance)."""
+        return [p for p in self._versions if self.get(p) is not None]
+
+    def version_count(self) -> int:
+        """Stored versions including shadowed ones: lets tests see that reclamation works."""
+        return sum(1 if type(v) is Node else len(v) for v in self._versions.values())  # type: ignore[arg-type]

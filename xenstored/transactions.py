@@ -1,0 +1,181 @@
+"""Transactions: a snapshot generation, a private write set, and the read set commit validates.
+
+Every mutating request runs in a :class:`Transaction`.  A client's explicit transaction reads at
+its snapshot and commits with validation; a request outside any transaction gets an *implicit*
+one that reads the live store and commits at once (nothing can interleave inside one request on
+the single-threaded loop), which gives every request all-or-nothing behaviour for free: a request
+that fails half-way leaves no trace (XSA-414/415).
+
+Serializability: commits happen in a total order; a transaction commits only if everything it
+read (node contents and existence via ``vgen``, child lists it listed via ``cgen``) is unchanged
+since its snapshot, so running it at its commit point would have read the same and done the same.
+What it never read may change freely: blind creation of different children of one parent merges.
+A transaction that wrote nothing serialises at its snapshot and always commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .paths import ROOT, basename, parent
+from .perms import Perms
+from .store import Node, Store
+
+
+@dataclass(slots=True)
+class Change:
+    """A modified node, for watch dispatch at commit.
+
+    ``exact`` changes (descendants removed by RM) fire only watches placed exactly on the path;
+    the others fire watches on the path and its ancestors.  The perms before and after feed the
+    XSA-115 rule that only domains able to read the node hear about it.
+    """
+
+    path: str
+    exact: bool
+    old_perms: Perms | None
+    new_perms: Perms | None
+
+
+class Conflict(Exception):
+    """Commit validation failed: EAGAIN."""
+
+
+class Transaction:
+    __slots__ = (
+        "store",
+        "snap",
+        "tx_id",
+        "implicit",
+        "writes",
+        "reads",
+        "dir_reads",
+        "added",
+        "removed",
+        "changes",
+        "failed",
+        "closed",
+    )
+
+    def __init__(self, store: Store, tx_id: int = 0, *, implicit: bool = False) -> None:
+        self.store = store
+        self.tx_id = tx_id
+        self.implicit = implicit
+        self.snap = store.gen if implicit else store.open_snapshot()
+        self.writes: dict[str, Node | None] = {}
+        self.reads: dict[str, int | None] = {}
+        self.dir_reads: dict[str, int] = {}
+        self.added: dict[str, set[str]] = {}
+        self.removed: dict[str, set[str]] = {}
+        self.changes: dict[str, Change] = {}
+        # Sticky failure (an error name) that makes commit fail, e.g. after a quota refusal.
+        self.failed: str | None = None
+        self.closed = False
+
+    # --------------------------------------------------------------------------- reading
+    def _base(self, path: str) -> Node | None:
+        if self.implicit:
+            return self.store.get(path)
+        return self.store.get_at(path, self.snap)
+
+    def get(self, path: str) -> Node | None:
+        """The node as this transaction sees it; the first look is recorded for validation."""
+        writes = self.writes
+        if path in writes:
+            return writes[path]
+        node = self._base(path)
+        if not self.implicit and path not in self.reads:
+            self.reads[path] = node.vgen if node is not None else None
+        return node
+
+    def children(self, path: str) -> list[str]:
+        """Child names in byte order; records the listing so a concurrent change conflicts."""
+        base = self._base(path)
+        if base is not None and path not in self.dir_reads and not self.implicit:
+            self.dir_reads[path] = base.cgen
+        names = self.store.child_names(path, None if self.implicit else self.snap) if base else []
+        added = self.added.get(path)
+        removed = self.removed.get(path)
+        if added or removed:
+            s = set(names)
+            if removed:
+                s -= removed
+            if added:
+                s |= added
+            names = sorted(s)
+        return names
+
+    @property
+    def touched(self) -> int:
+        """Distinct nodes read or written: what the transaction-nodes quota counts."""
+        return len(self.reads.keys() | self.writes.keys())
+
+    # --------------------------------------------------------------------------- writing
+    def _link(self, path: str, present: bool) -> None:
+        if path == ROOT:
+            return
+        p, name = parent(path), basename(path)
+        if present:
+            gone = self.removed.get(p)
+            if gone and name in gone:
+                gone.discard(name)
+            else:
+                self.added.setdefault(p, set()).add(name)
+        else:
+            new = self.added.get(p)
+            if new and name in new:
+                new.discard(name)
+            else:
+                self.removed.setdefault(p, set()).add(name)
+
+    def put(self, path: str, value: bytes, perms: Perms, *, existed: bool) -> None:
+        """Write a node; ``existed`` says whether it was visible before (the caller looked)."""
+        self.writes[path] = Node(value, perms, 0, 0)
+        if not existed:
+            self._link(path, True)
+
+    def delete(self, path: str) -> None:
+        self.writes[path] = None
+        self._link(path, False)
+
+    def note_change(self, path: str, *, exact: bool, old: Perms | None, new: Perms | None) -> None:
+        """Remember a change for watch events; a path changed twice fires once."""
+        prev = self.changes.get(path)
+        if prev is None:
+            self.changes[path] = Change(path, exact, old, new)
+        else:
+            prev.exact = prev.exact and exact
+            prev.new_perms = new
+
+    # --------------------------------------------------------------------------- ending
+    def validate(self) -> bool:
+        if self.implicit or not self.writes:
+            return True
+        get = self.store.get
+        for path, vgen in self.reads.items():
+            cur = get(path)
+            if (cur.vgen if cur is not None else None) != vgen:
+                return False
+        for path, cgen in self.dir_reads.items():
+            cur = get(path)
+            if cur is None or cur.cgen != cgen:
+                return False
+        return True
+
+    def commit(self) -> list[Change]:
+        """Validate and install; raises Conflict.  Returns the changes to fire watches for."""
+        try:
+            if not self.validate():
+                raise Conflict()
+            if self.writes:
+                self.store.apply(self.writes)
+            return list(self.changes.values())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort (or finish): release the snapshot so its old versions can be reclaimed."""
+        if not self.closed:
+            self.closed = True
+            if not self.implicit:
+                self.store.close_snapshot(self.snap)
