@@ -55,6 +55,7 @@ class Transaction:
         "changes",
         "failed",
         "closed",
+        "owned_delta",
     )
 
     def __init__(self, store: Store, tx_id: int = 0, *, implicit: bool = False) -> None:
@@ -71,6 +72,8 @@ class Transaction:
         # Sticky failure (an error name) that makes commit fail, e.g. after a quota refusal.
         self.failed: str | None = None
         self.closed = False
+        # Net nodes this transaction creates for its connection's domain (nodes quota).
+        self.owned_delta = 0
 
     # --------------------------------------------------------------------------- reading
     def _base(self, path: str) -> Node | None:

@@ -1,0 +1,204 @@
+"""One client connection, socket or ring, without any I/O.
+
+The transport edge (server.py for sockets, the ring pump for domains) feeds received bytes to
+:meth:`Connection.feed` and drains :meth:`peek_output`/:meth:`consume_output`; everything in
+between (framing, dispatch, replies, watch events) happens here and in ops.py, synchronously.
+
+Output is a queue of whole messages so that the edge can write any amount (a ring may take a
+few bytes at a time) and the queue can be bounded by message count and bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import paths
+from .transactions import Transaction
+from .wire import HEADER, PAYLOAD_MAX, Message, Op, Parser
+
+if TYPE_CHECKING:
+    from .core import Core
+    from .domains import Domain
+
+log = logging.getLogger("xenstored.connection")
+
+_ids = itertools.count(1)
+
+
+def _nothing() -> None:
+    pass
+
+
+class Connection:
+    def __init__(self, core: Core, domain: Domain, *, socket: bool, privileged: bool) -> None:
+        self.id = next(_ids)
+        self.core = core
+        self.domain = domain
+        self.domid = domain.domid
+        self.is_socket = socket
+        self.privileged = privileged
+        self.home = paths.home_of(self.domid)
+        self.parser = Parser()
+        self.transactions: dict[int, Transaction] = {}
+        self._next_tx = 1
+        self._out: deque[bytes] = deque()
+        self._out_off = 0  # bytes of _out[0] already written
+        self.out_bytes = 0
+        # Set by the edge: called when output appears, so its writer wakes up.
+        self.wakeup: Callable[[], None] = _nothing
+        # A reason to disconnect once the edge notices (output overflow for a socket client).
+        self.doomed: str | None = None
+        self.closed = False
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        kind = "socket" if self.is_socket else "ring"
+        return f"<Connection {self.id} {kind} dom{self.domid}>"
+
+    @property
+    def target(self) -> int | None:
+        return self.domain.target
+
+    @property
+    def label(self) -> str:
+        """How logs name this client: the domain for rings, a number for sockets."""
+        return f"socket{self.id}" if self.is_socket else f"dom{self.domid}"
+
+    # ------------------------------------------------------------------------- input
+    def feed(self, data: bytes) -> None:
+        """Frame and process everything complete in ``data``.  Raises ProtocolError."""
+        from .ops import dispatch
+
+        for msg in self.parser.feed(data):
+            if self.closed:
+                return
+            self.requests += 1
+            dispatch(self, msg)
+
+    def process(self, msg: Message) -> None:
+        from .ops import dispatch
+
+        dispatch(self, msg)
+
+    @property
+    def outstanding(self) -> int:
+        """Replies and events queued but not yet written (the outstanding quota counts these)."""
+        return len(self._out)
+
+    @property
+    def wants_input(self) -> bool:
+        """Back-pressure: read more only while replies are being taken away."""
+        return self.out_bytes < self.core.config.output_pause_bytes and not self.doomed
+
+    # ------------------------------------------------------------------------- output
+    def _queue(self, data: bytes) -> None:
+        was_empty = not self._out
+        self._out.append(data)
+        self.out_bytes += len(data)
+        if was_empty:
+            self.wakeup()
+
+    def reply(self, msg: Message, payload: bytes, type_: int | None = None) -> None:
+        if len(payload) > PAYLOAD_MAX:
+            self.error(msg, "E2BIG")
+            return
+        t = msg.type if type_ is None else type_
+        self._queue(HEADER.pack(t, msg.req_id, msg.tx_id, len(payload)) + payload)
+
+    def error(self, msg: Message, name: str) -> None:
+        payload = name.encode() + b"\0"
+        self._queue(HEADER.pack(Op.ERROR, msg.req_id, msg.tx_id, len(payload)) + payload)
+
+    def event(self, path: str, token: str) -> None:
+        """Queue a WATCH_EVENT.  Oversized events are dropped (XSA-324)."""
+        payload = path.encode("ascii") + b"\0" + token.encode("latin-1") + b"\0"
+        if len(payload) > PAYLOAD_MAX:
+            return
+        if self.out_bytes + len(payload) > self.core.config.output_limit_bytes and not self.doomed:
+            # A client that lets events pile up without reading would grow us without bound.
+            self.doomed = f"output queue over {self.core.config.output_limit_bytes} bytes"
+            log.warning("%s: not reading its watch events; disconnecting", self.label)
+            self.wakeup()
+            return
+        if self.doomed:
+            return
+        self._queue(HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload)
+
+    def has_output(self) -> bool:
+        return bool(self._out)
+
+    def peek_output(self, limit: int | None = None) -> bytes:
+        """Pending output bytes (up to ``limit``) without removing them."""
+        out = self._out
+        if not out:
+            return b""
+        first = out[0][self._out_off :] if self._out_off else out[0]
+        if limit is not None and len(first) >= limit:
+            return first[:limit]
+        parts = [first]
+        size = len(first)
+        for chunk in itertools.islice(out, 1, None):
+            if limit is not None and size + len(chunk) > limit:
+                parts.append(chunk[: limit - size])
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)
+
+    def consume_output(self, n: int) -> None:
+        """Drop ``n`` bytes that the edge has written."""
+        out = self._out
+        self.out_bytes -= n
+        while n and out:
+            avail = len(out[0]) - self._out_off
+            if n >= avail:
+                out.popleft()
+                self._out_off = 0
+                n -= avail
+            else:
+                self._out_off += n
+                n = 0
+
+    def take_output(self) -> bytes:
+        data = self.peek_output()
+        self.consume_output(len(data))
+        return data
+
+    def discard_output(self) -> None:
+        self._out.clear()
+        self._out_off = 0
+        self.out_bytes = 0
+
+    # ------------------------------------------------------------------------- transactions
+    def new_transaction(self) -> Transaction:
+        tx_id = self._next_tx
+        while tx_id == 0 or tx_id in self.transactions:
+            tx_id = (tx_id + 1) & 0xFFFFFFFF
+        self._next_tx = (tx_id + 1) & 0xFFFFFFFF
+        txn = Transaction(self.core.store, tx_id)
+        self.transactions[tx_id] = txn
+        return txn
+
+    def drop_transactions(self) -> None:
+        for txn in self.transactions.values():
+            txn.close()
+        self.transactions.clear()
+
+    # ------------------------------------------------------------------------- teardown
+    def reset(self) -> None:
+        """Forget all per-connection state (ring reconnection, re-INTRODUCE)."""
+        self.drop_transactions()
+        self.core.watches.remove_all(self)
+        self.parser.reset()
+        self.discard_output()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reset()
+        self.core.forget_connection(self)

@@ -1,0 +1,124 @@
+"""XS_CONTROL sub-commands (``xenstore-control``), privileged only, as C-4.22.
+
+Each command returns the reply payload: ``OK\\0`` or a NUL-terminated text.  Unknown commands and
+bad arguments are EINVAL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import paths, quota
+from .wire import XsError
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+log = logging.getLogger("xenstored.control")
+
+OK = b"OK\0"
+
+Command = Callable[["Connection", list[str]], bytes]
+COMMANDS: dict[str, tuple[Command, str]] = {}
+
+
+def command(name: str, synopsis: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = (fn, synopsis)
+        return fn
+
+    return register
+
+
+def control(conn: Connection, args: list[bytes]) -> bytes:
+    if not args:
+        raise XsError("EINVAL", "no control command")
+    try:
+        words = [a.decode("utf-8") for a in args]
+    except UnicodeDecodeError:
+        raise XsError("EINVAL", "control arguments must be text") from None
+    entry = COMMANDS.get(words[0])
+    if entry is None:
+        raise XsError("EINVAL", f"unknown control command {words[0]!r}")
+    return entry[0](conn, words[1:])
+
+
+def text(s: str) -> bytes:
+    return s.encode("utf-8") + b"\0"
+
+
+@command("help", "")
+def _help(conn: Connection, args: list[str]) -> bytes:
+    if args:
+        raise XsError("EINVAL")
+    return text("".join(f"{name:<15} {syn}\n" for name, (_, syn) in COMMANDS.items()))
+
+
+@command("print", "<string>")
+def _print(conn: Connection, args: list[str]) -> bytes:
+    if len(args) != 1:
+        raise XsError("EINVAL")
+    log.warning("control: %s", args[0])
+    return OK
+
+
+@command("check", "")
+def _check(conn: Connection, args: list[str]) -> bytes:
+    """Verify the store's internal consistency and the per-owner node counts, repairing counts."""
+    if args:
+        raise XsError("EINVAL")
+    store = conn.core.store
+    counts: dict[int, int] = {}
+    for path in store.walk():
+        node = store.get(path)
+        assert node is not None
+        counts[node.owner] = counts.get(node.owner, 0) + 1
+        if path != paths.ROOT and store.get(paths.parent(path)) is None:
+            log.error("check: %s has no parent", path)
+    if counts != store.owned:
+        log.warning("check: node accounting repaired (%s -> %s)", store.owned, counts)
+        store.owned.clear()
+        store.owned.update(counts)
+    return OK
+
+
+def _quota_table(values: dict[str, int], names: tuple[str, ...]) -> str:
+    return "".join(f"{n:<17}: {values[n]:8d} {quota.DESCRIPTIONS[n]}\n" for n in names)
+
+
+@command("quota", "[set <name> <val>|<domid>|max [-r]]")
+def _quota(conn: Connection, args: list[str]) -> bytes:
+    core = conn.core
+    hard = tuple(n for n in quota.NAMES if n != "soft-memory")
+    if not args:
+        return text("Quota settings:\n" + _quota_table(core.config.quotas.values, hard))
+    if args[0] == "set":
+        if len(args) != 3 or not args[2].isdigit() or int(args[2]) < 1:
+            raise XsError("EINVAL")
+        name = quota.canonical_name(args[1])
+        if name == "soft-memory":
+            raise XsError("EINVAL")
+        core.config.quotas.set(name, int(args[2]))
+        return OK
+    if len(args) == 1 and args[0].isdigit():
+        dom = core.domains.get(int(args[0]))
+        if dom is None:
+            raise XsError("ENOENT")
+        usage = core.domain_usage(dom)
+        lines = "".join(f"{n:<17}: {usage.get(n, 0):8d} (max {dom.quotas[n]})\n" for n in hard if n in usage)
+        return text(f"Domain {dom.domid}:\n" + lines)
+    raise XsError("EINVAL")
+
+
+@command("quota-soft", "[set <name> <val>]")
+def _quota_soft(conn: Connection, args: list[str]) -> bytes:
+    core = conn.core
+    if not args:
+        v = core.config.quotas.values["soft-memory"]
+        return text(f"Soft quota settings:\n{'memory':<17}: {v:8d} {quota.DESCRIPTIONS['soft-memory']}\n")
+    if len(args) == 3 and args[0] == "set" and args[1] == "memory" and args[2].isdigit() and int(args[2]) >= 1:
+        core.config.quotas.set("soft-memory", int(args[2]))
+        return OK
+    raise XsError("EINVAL")

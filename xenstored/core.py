@@ -1,0 +1,137 @@
+"""The daemon's state: store, watches, domains, connections, quotas; and watch-event dispatch.
+
+Plain Python: ops.py mutates it on behalf of one request at a time, the trio edges only move
+bytes in and out of connections.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import paths, perms
+from .config import Config
+from .connection import Connection
+from .domains import Domain
+from .paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
+from .perms import Perm, Perms
+from .quota import RefusalLog
+from .store import Store
+from .transactions import Change, Transaction
+from .watches import WatchRegistry
+from .wire import DOMID_ANY
+
+log = logging.getLogger("xenstored")
+
+
+class Core:
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.store = Store()
+        self.watches = WatchRegistry()
+        self.refusals = RefusalLog()
+        self.domains: dict[int, Domain] = {}
+        self.connections: dict[int, Connection] = {}
+        self.priv_domid = self.config.priv_domid
+        owner = perms.owner_only(self.priv_domid)
+        # Special paths are not nodes below '/': their permissions live here (C-4.19+ records).
+        self.special_perms: dict[str, Perms] = {
+            INTRODUCE_DOMAIN: owner,
+            RELEASE_DOMAIN: owner + (Perm(DOMID_ANY, perms.READ),),
+        }
+        # Hooks the domain layer installs (hypervisor access); None when only sockets are served.
+        self.hypervisor = None
+        self.domain_ops = None
+        self._initial_tree(owner)
+
+    def _initial_tree(self, owner: Perms) -> None:
+        txn = Transaction(self.store, implicit=True)
+        txn.put("/", b"", owner, existed=True)
+        txn.put("/tool", b"", owner, existed=False)
+        txn.put("/tool/xenstored", b"", owner, existed=False)
+        txn.commit()
+
+    # ------------------------------------------------------------------------- domains
+    def domain(self, domid: int) -> Domain:
+        """The record for ``domid``, created with the current global quotas on first use."""
+        dom = self.domains.get(domid)
+        if dom is None:
+            dom = Domain(domid, self.config.quotas.copy())
+            self.domains[domid] = dom
+        return dom
+
+    def mark_stale(self, node_perms: Perms) -> Perms:
+        """Flag entries naming domains the hypervisor does not know (XSA-322/417): they are
+        listed but grant nothing, so a future domain reusing the id inherits no access."""
+        hv = self.hypervisor
+        if hv is None:
+            return node_perms
+        out = tuple(
+            p if i == 0 or p.domid == DOMID_ANY or hv.domain_info(p.domid) is not None else Perm(p.domid, p.access, True)
+            for i, p in enumerate(node_perms)
+        )
+        return out
+
+    def domain_usage(self, dom: Domain) -> dict[str, int]:
+        """What a domain currently uses of each quota (CONTROL quota <domid>, GET_QUOTA)."""
+        conn = dom.conn
+        return {
+            "nodes": self.store.owned.get(dom.domid, 0),
+            "watches": self.watches.count_of(conn) if conn else 0,
+            "transactions": len(conn.transactions) if conn else 0,
+            "outstanding": conn.outstanding if conn else 0,
+            "memory": conn.out_bytes if conn else 0,
+        }
+
+    def is_privileged(self, domid: int) -> bool:
+        return domid == self.priv_domid
+
+    # ------------------------------------------------------------------------- connections
+    def new_connection(self, domid: int | None = None, *, socket: bool = True) -> Connection:
+        """A socket client acts for the privileged domain; a ring client for its own domain."""
+        if domid is None:
+            domid = self.priv_domid
+        conn = Connection(self, self.domain(domid), socket=socket, privileged=self.is_privileged(domid))
+        self.connections[conn.id] = conn
+        return conn
+
+    def forget_connection(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+
+    # ------------------------------------------------------------------------- watch events
+    def can_see(self, conn: Connection, change: Change) -> bool:
+        """XSA-115: a domain hears about a node only if it can (or could) read it or its parent."""
+        d, t = conn.domid, conn.target
+        if change.new_perms is not None and perms.allows(change.new_perms, d, t, perms.READ):
+            return True
+        if change.old_perms is not None and perms.allows(change.old_perms, d, t, perms.READ):
+            return True
+        if change.path != paths.ROOT:
+            parent = self.store.get(paths.parent(change.path))
+            if parent is not None and perms.allows(parent.perms, d, t, perms.READ):
+                return True
+        return False
+
+    def fire(self, changes: list[Change]) -> None:
+        """Queue the watch events for committed changes, in commit order."""
+        matching = self.watches.matching
+        for change in changes:
+            for w in matching(change.path, change.exact):
+                conn: Connection = w.owner  # type: ignore[assignment]
+                if not conn.privileged and not self.can_see(conn, change):
+                    continue
+                epath = paths.relative_to(change.path, conn.home) if w.relative else change.path
+                conn.event(epath, w.token)
+
+    def fire_special(self, name: str, domid: int | None = None) -> None:
+        """``@introduceDomain`` / ``@releaseDomain``: heard by the privileged and by domains the
+        special path's permissions let read it."""
+        sp = self.special_perms[name]
+        for w, epath in self.watches.matching_special(name, domid):
+            conn: Connection = w.owner  # type: ignore[assignment]
+            if not conn.privileged and not perms.allows(sp, conn.domid, conn.target, perms.READ):
+                continue
+            conn.event(epath, w.token)
+
+    def commit(self, txn: Transaction) -> None:
+        """Commit (raises Conflict) and fire the resulting watch events."""
+        self.fire(txn.commit())

@@ -1,0 +1,516 @@
+"""The dispatcher: what every wire operation does.  One handler per op, found in ``HANDLERS``.
+
+A handler gets the connection, the request and (for node operations) the transaction to run in,
+and returns the reply payload or raises :class:`XsError`.  Mutating requests outside a client
+transaction run in an implicit one committed right after the handler, so a request that fails
+half-way changes nothing.  Watch events a request causes are queued before its reply (as C); the
+initial event of WATCH follows its ``OK``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from . import paths, perms, quota
+from .connection import Connection
+from .control import control
+from .perms import READ, WRITE, Perms
+from .store import Node
+from .transactions import Conflict, Transaction
+from .wire import (
+    DOMID_SELF,
+    FEATURE_WATCHDEPTH,
+    PAYLOAD_MAX,
+    Message,
+    Op,
+    XsError,
+    single_arg,
+    split_args,
+)
+
+log = logging.getLogger("xenstored.ops")
+
+OK = b"OK\0"
+
+Handler = Callable[[Connection, Message, Transaction], bytes]
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_domid(raw: bytes) -> int:
+    """Strict decimal domain id (C-4.22): whole string, at most 65535."""
+    if not raw or not raw.isdigit() or len(raw) > 5:
+        raise XsError("EINVAL", "bad domain id")
+    domid = int(raw)
+    if domid > 0xFFFF:
+        raise XsError("EINVAL", "domain id out of range")
+    return domid
+
+
+def node_path(conn: Connection, raw: bytes) -> str:
+    """Canonical node path from a request argument, with the unprivileged path-max rule."""
+    path = paths.canonicalize(paths.decode(raw), conn.home)
+    _check_path_max(conn, path)
+    return path
+
+
+def _check_path_max(conn: Connection, path: str) -> None:
+    if conn.privileged or conn.is_socket:
+        return
+    limit = conn.domain.quotas["path-max"]
+    if quota.exceeds(limit, paths.effective_length(path)):
+        raise XsError("EINVAL", "path too long")
+
+
+def _refuse(conn: Connection, name: str, limit: int, value: int, what: str = "") -> XsError:
+    conn.core.refusals.refuse(conn.domid, name, limit, value, what)
+    return XsError("ENOSPC", f"{name} quota")
+
+
+# ----------------------------------------------------------------------------- permissions
+def can(conn: Connection, node_perms: Perms, want: int) -> bool:
+    return conn.privileged or perms.allows(node_perms, conn.domid, conn.target, want)
+
+
+def _disclose(conn: Connection, txn: Transaction, path: str, name: str, want: int) -> XsError:
+    """C's rule (§3.5): an error about ``path`` becomes EACCES unless the nearest existing
+    ancestor grants the caller some of ``want`` — so probing for missing nodes under a node one
+    cannot read reveals nothing."""
+    if conn.privileged or name == "EACCES":
+        return XsError(name)
+    p = path
+    while p != paths.ROOT:
+        p = paths.parent(p)
+        node = txn.get(p)
+        if node is not None:
+            if perms.allows_any(node.perms, conn.domid, conn.target, want):
+                return XsError(name)
+            return XsError("EACCES")
+    return XsError(name)
+
+
+def get_node(conn: Connection, txn: Transaction, path: str, want: int) -> Node:
+    node = txn.get(path)
+    if node is None:
+        raise _disclose(conn, txn, path, "ENOENT", want)
+    if not can(conn, node.perms, want):
+        raise XsError("EACCES")
+    return node
+
+
+# ----------------------------------------------------------------------------- node creation
+def _check_node_size(conn: Connection, value: bytes, node_perms: Perms) -> None:
+    if conn.privileged:
+        return
+    limit = conn.domain.quotas["node-size"]
+    size = len(value) + 8 * len(node_perms)
+    if quota.exceeds(limit, size):
+        raise _refuse(conn, "node-size", limit, size)
+
+
+def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> None:
+    """Create ``path`` and any missing ancestors, inheriting the deepest existing ancestor's
+    permissions; an unprivileged creator becomes the owner (C rule).  Only ``path`` fires."""
+    missing = [path]
+    p = path
+    while True:
+        p = paths.parent(p)
+        anc = txn.get(p)
+        if anc is not None:
+            break
+        missing.append(p)
+    if not can(conn, anc.perms, WRITE):
+        raise XsError("EACCES")
+    new_perms = anc.perms if conn.privileged else perms.with_owner(anc.perms, conn.domid)
+    _check_node_size(conn, value, new_perms)
+    if not conn.privileged:
+        limit = conn.domain.quotas["nodes"]
+        count = conn.core.store.owned.get(conn.domid, 0) + txn.owned_delta + len(missing)
+        if quota.exceeds(limit, count):
+            raise _refuse(conn, "nodes", limit, count, path)
+        txn.owned_delta += len(missing)
+    for p in reversed(missing):
+        txn.put(p, value if p == path else b"", new_perms, existed=False)
+    txn.note_change(path, exact=False, old=None, new=new_perms)
+
+
+# ----------------------------------------------------------------------------- node ops
+def op_read(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    path = node_path(conn, single_arg(msg.payload))
+    return get_node(conn, txn, path, READ).value
+
+
+def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    payload = msg.payload
+    idx = payload.find(0)
+    if idx < 0:
+        raise XsError("EINVAL", "WRITE without NUL")
+    path = node_path(conn, payload[:idx])
+    value = payload[idx + 1 :]
+    node = txn.get(path)
+    if node is None:
+        create_node(conn, txn, path, value)
+        return OK
+    if not can(conn, node.perms, WRITE):
+        raise XsError("EACCES")
+    _check_node_size(conn, value, node.perms)
+    txn.put(path, value, node.perms, existed=True)
+    txn.note_change(path, exact=False, old=node.perms, new=node.perms)
+    return OK
+
+
+def op_mkdir(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    path = node_path(conn, single_arg(msg.payload))
+    node = txn.get(path)
+    if node is not None:
+        if not can(conn, node.perms, WRITE):
+            raise XsError("EACCES")
+        return OK
+    create_node(conn, txn, path, b"")
+    return OK
+
+
+def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    path = node_path(conn, single_arg(msg.payload))
+    node = get_node(conn, txn, path, WRITE)
+    if path == paths.ROOT:
+        raise XsError("EINVAL", "cannot remove /")
+    txn.note_change(path, exact=False, old=node.perms, new=None)
+    # Iterative pre-order walk (XSA-418: deep trees must not exhaust the stack).
+    stack = [(path, node)]
+    domid = conn.domid
+    while stack:
+        p, n = stack.pop()
+        if p != path:
+            txn.note_change(p, exact=True, old=n.perms, new=None)
+        if n.owner == domid:
+            txn.owned_delta -= 1
+        for name in reversed(txn.children(p)):
+            cp = paths.join(p, name)
+            child = txn.get(cp)
+            if child is not None:
+                stack.append((cp, child))
+        txn.delete(p)
+    return OK
+
+
+def op_directory(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    path = node_path(conn, single_arg(msg.payload))
+    get_node(conn, txn, path, READ)
+    names = txn.children(path)
+    if not names:
+        return b""
+    return ("\0".join(names) + "\0").encode("ascii")
+
+
+def op_directory_part(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    args = split_args(msg.payload)
+    if len(args) != 2 or msg.payload.count(0) != 2 or msg.payload[-1] != 0:
+        raise XsError("EINVAL", "DIRECTORY_PART wants path and offset")
+    path = node_path(conn, args[0])
+    node = get_node(conn, txn, path, READ)
+    offset = _atoi(args[1])
+    gen = node.gen if node.gen or not txn.writes else conn.core.store.gen + 1
+    head = f"{gen}\0".encode()
+    children = "".join(n + "\0" for n in txn.children(path)).encode("ascii")
+    if offset >= len(children):
+        return head + b"\0"
+    budget = PAYLOAD_MAX - len(head) - 1
+    pos = max(offset, 0)
+    end = pos
+    while end < len(children):
+        nxt = children.index(b"\0", end) + 1
+        if nxt - pos >= budget:
+            break
+        end = nxt
+    chunk = children[pos:end]
+    if end >= len(children):
+        chunk += b"\0"
+    return head + chunk
+
+
+def _atoi(raw: bytes) -> int:
+    """C atoi: optional sign and leading digits, garbage ignored."""
+    s = raw.strip()
+    sign = 1
+    if s[:1] in (b"+", b"-"):
+        sign = -1 if s[:1] == b"-" else 1
+        s = s[1:]
+    digits = b""
+    for b in s:
+        if 48 <= b <= 57:
+            digits += bytes((b,))
+        else:
+            break
+    return sign * int(digits) if digits else 0
+
+
+def op_get_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    raw = paths.decode(single_arg(msg.payload))
+    if paths.is_special(raw):
+        name = paths.canonicalize_special(raw)
+        return perms.format_list(conn.core.special_perms[_special_base(name)])
+    path = paths.canonicalize(raw, conn.home)
+    _check_path_max(conn, path)
+    return perms.format_list(get_node(conn, txn, path, READ).perms)
+
+
+def _special_base(name: str) -> str:
+    return name.split("/", 1)[0]
+
+
+def op_set_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    args = split_args(msg.payload)
+    if len(args) < 2:
+        raise XsError("EINVAL", "SET_PERMS wants a path and at least one permission")
+    if not conn.privileged:
+        limit = conn.domain.quotas["node-permissions"]
+        if quota.exceeds(limit, len(args) - 1):
+            raise _refuse(conn, "node-permissions", limit, len(args) - 1)
+    new_perms = perms.parse(args[1:])
+    raw = paths.decode(args[0])
+    if paths.is_special(raw):
+        name = paths.canonicalize_special(raw)
+        if name not in paths.SPECIAL_NAMES:
+            raise XsError("EINVAL", "permissions are kept on the plain special names")
+        old = conn.core.special_perms[name]
+        if not conn.privileged:
+            if not perms.is_owner(old, conn.domid, conn.target):
+                raise XsError("EACCES")
+            if new_perms[0].domid != old[0].domid:
+                raise XsError("EPERM")
+        conn.core.special_perms[name] = new_perms
+        return OK
+    path = paths.canonicalize(raw, conn.home)
+    _check_path_max(conn, path)
+    node = txn.get(path)
+    if node is None:
+        raise _disclose(conn, txn, path, "ENOENT", WRITE)
+    if not conn.privileged:
+        if not perms.is_owner(node.perms, conn.domid, conn.target):
+            raise XsError("EACCES")
+        if new_perms[0].domid != node.owner:
+            raise XsError("EPERM", "only the privileged domain may change a node's owner")
+    new_perms = conn.core.mark_stale(new_perms)
+    txn.put(path, node.value, new_perms, existed=True)
+    txn.note_change(path, exact=False, old=node.perms, new=new_perms)
+    return OK
+
+
+# ----------------------------------------------------------------------------- watches
+def op_watch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    args = split_args(msg.payload)
+    depth: int | None = None
+    if len(args) == 3 and conn.domain.features & FEATURE_WATCHDEPTH:
+        depth = _atoi(args[2])
+        if depth < 0:
+            raise XsError("EINVAL", "negative watch depth")
+    elif len(args) != 2:
+        raise XsError("EINVAL", "WATCH wants a path and a token")
+    raw = paths.decode(args[0])
+    cpath = paths.canonicalize_any(raw, conn.home)
+    if not paths.is_special(cpath):
+        _check_path_max(conn, cpath)
+    token = args[1].decode("latin-1")
+    if not conn.privileged:
+        limit = conn.domain.quotas["watches"]
+        count = conn.core.watches.count_of(conn) + 1
+        if quota.exceeds(limit, count):
+            raise _refuse(conn, "watches", limit, count, raw)
+    from .watches import Watch
+
+    relative = not raw.startswith("/") and not raw.startswith("@")
+    conn.core.watches.add(Watch(conn, raw, cpath, token, depth, relative))
+    conn.reply(msg, OK)
+    conn.event(raw, token)
+    return b""
+
+
+def op_unwatch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    args = split_args(msg.payload)
+    if len(args) != 2:
+        raise XsError("EINVAL", "UNWATCH wants a path and a token")
+    cpath = paths.canonicalize_any(paths.decode(args[0]), conn.home)
+    conn.core.watches.remove(conn, cpath, args[1].decode("latin-1"))
+    return OK
+
+
+def op_reset_watches(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    conn.core.watches.remove_all(conn)
+    conn.drop_transactions()
+    return OK
+
+
+# ----------------------------------------------------------------------------- transactions
+def op_transaction_start(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    if not conn.privileged:
+        limit = conn.domain.quotas["transactions"]
+        count = len(conn.transactions) + 1
+        if quota.exceeds(limit, count):
+            raise _refuse(conn, "transactions", limit, count)
+    new = conn.new_transaction()
+    return f"{new.tx_id}\0".encode()
+
+
+def op_transaction_end(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    arg = single_arg(msg.payload)
+    if arg not in (b"T", b"F"):
+        raise XsError("EINVAL", "TRANSACTION_END wants T or F")
+    del conn.transactions[txn.tx_id]
+    if arg == b"F":
+        txn.close()
+        return OK
+    if txn.failed:
+        txn.close()
+        raise XsError(txn.failed)
+    core = conn.core
+    if not conn.privileged and txn.writes:
+        _recheck_nodes_quota(conn, txn)
+    try:
+        changes = txn.commit()
+    except Conflict:
+        raise XsError("EAGAIN") from None
+    core.fire(changes)
+    return OK
+
+
+def _recheck_nodes_quota(conn: Connection, txn: Transaction) -> None:
+    """Nodes quota at commit: other requests may have created nodes since the transaction did."""
+    limit = conn.domain.quotas["nodes"]
+    if not limit:
+        return
+    domid = conn.domid
+    get = conn.core.store.get
+    delta = 0
+    for path, new in txn.writes.items():
+        old = get(path)
+        delta -= old is not None and old.owner == domid
+        delta += new is not None and new.owner == domid
+    count = conn.core.store.owned.get(domid, 0) + delta
+    if delta > 0 and quota.exceeds(limit, count):
+        txn.close()
+        raise _refuse(conn, "nodes", limit, count, "transaction commit")
+
+
+# ----------------------------------------------------------------------------- misc
+def op_get_domain_path(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    domid = parse_domid(single_arg(msg.payload))
+    return f"{paths.home_of(domid)}\0".encode()
+
+
+def op_control(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    return control(conn, split_args(msg.payload))
+
+
+def _domain_op(name: str) -> Handler:
+    def handler(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+        ops = conn.core.domain_ops
+        if ops is None:
+            raise XsError("ENOSYS", "no hypervisor interface")
+        return getattr(ops, name)(conn, msg)
+
+    handler.__name__ = f"op_{name}"
+    return handler
+
+
+# ----------------------------------------------------------------------------- dispatch
+# op -> (handler, runs in a transaction, mutates the store)
+HANDLERS: dict[int, tuple[Handler, bool, bool]] = {
+    Op.READ: (op_read, True, False),
+    Op.WRITE: (op_write, True, True),
+    Op.MKDIR: (op_mkdir, True, True),
+    Op.RM: (op_rm, True, True),
+    Op.DIRECTORY: (op_directory, True, False),
+    Op.DIRECTORY_PART: (op_directory_part, True, False),
+    Op.GET_PERMS: (op_get_perms, True, False),
+    Op.SET_PERMS: (op_set_perms, True, True),
+    Op.WATCH: (op_watch, False, False),
+    Op.UNWATCH: (op_unwatch, False, False),
+    Op.RESET_WATCHES: (op_reset_watches, False, False),
+    Op.TRANSACTION_START: (op_transaction_start, False, False),
+    Op.TRANSACTION_END: (op_transaction_end, True, False),
+    Op.GET_DOMAIN_PATH: (op_get_domain_path, False, False),
+    Op.CONTROL: (op_control, False, False),
+    Op.INTRODUCE: (_domain_op("introduce"), False, False),
+    Op.RELEASE: (_domain_op("release"), False, False),
+    Op.RESUME: (_domain_op("resume"), False, False),
+    Op.IS_DOMAIN_INTRODUCED: (_domain_op("is_domain_introduced"), False, False),
+    Op.SET_TARGET: (_domain_op("set_target"), False, False),
+    Op.GET_FEATURE: (_domain_op("get_feature"), False, False),
+    Op.SET_FEATURE: (_domain_op("set_feature"), False, False),
+    Op.GET_QUOTA: (_domain_op("get_quota"), False, False),
+    Op.SET_QUOTA: (_domain_op("set_quota"), False, False),
+}
+
+PRIVILEGED_OPS = frozenset(
+    {
+        Op.CONTROL,
+        Op.INTRODUCE,
+        Op.RELEASE,
+        Op.IS_DOMAIN_INTRODUCED,
+        Op.RESUME,
+        Op.SET_TARGET,
+        Op.SET_FEATURE,
+        Op.GET_QUOTA,
+        Op.SET_QUOTA,
+    }
+)
+# Ops whose tx_id is ignored rather than looked up.
+NO_TXN_OPS = frozenset({Op.WATCH, Op.UNWATCH, Op.TRANSACTION_START})
+
+
+def dispatch(conn: Connection, msg: Message) -> None:
+    """Run one request and queue its reply (and any events) on the connection."""
+    entry = HANDLERS.get(msg.type)
+    if entry is None:
+        conn.error(msg, "ENOSYS")
+        return
+    handler, in_txn, mutates = entry
+    if msg.type in PRIVILEGED_OPS and not conn.privileged:
+        conn.error(msg, "EACCES")
+        return
+    tx_id = msg.tx_id
+    txn: Transaction | None = None
+    implicit = False
+    try:
+        if msg.type == Op.TRANSACTION_START and tx_id:
+            raise XsError("EBUSY" if tx_id in conn.transactions else "ENOENT")
+        if msg.type == Op.TRANSACTION_END and not tx_id:
+            raise XsError("ENOENT", "no transaction")
+        if tx_id and msg.type not in NO_TXN_OPS:
+            txn = conn.transactions.get(tx_id)
+            if txn is None:
+                raise XsError("ENOENT", "no such transaction")
+        if txn is None and in_txn:
+            txn = Transaction(conn.core.store, implicit=True)
+            implicit = True
+        payload = handler(conn, msg, txn)  # type: ignore[arg-type]
+        if implicit and mutates:
+            conn.core.commit(txn)  # type: ignore[arg-type]
+        elif txn is not None and not implicit and mutates and not conn.privileged:
+            _check_transaction_nodes(conn, txn)
+    except XsError as e:
+        if txn is not None and implicit:
+            txn.close()
+        conn.error(msg, e.name)
+        return
+    except Exception:
+        # A bug must cost one request, never the connection or the daemon.
+        log.exception("%s: internal error in %s", conn.label, Op(msg.type).name)
+        if txn is not None and implicit:
+            txn.close()
+        conn.error(msg, "EIO")
+        return
+    if msg.type != Op.WATCH:
+        conn.reply(msg, payload)
+
+
+def _check_transaction_nodes(conn: Connection, txn: Transaction) -> None:
+    limit = conn.domain.quotas["transaction-nodes"]
+    touched = txn.touched
+    if quota.exceeds(limit, touched):
+        txn.failed = "ENOSPC"
+        raise _refuse(conn, "transaction-nodes", limit, touched)
+
+
+__all__ = ["dispatch", "HANDLERS", "DOMID_SELF"]

@@ -1,0 +1,145 @@
+"""trio edges: the Unix-socket listener and one task pair per socket client.
+
+Everything protocol-related happens synchronously in Connection.feed; this module only moves
+bytes.  A chunk of pipelined requests is parsed and answered as a batch and the replies leave in
+one send, so a busy client costs one recv and one send per batch, not per message.  Nothing here
+iterates over other connections, so per-request cost is independent of how many are open.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as pysocket
+import stat
+
+import trio
+
+from .connection import Connection
+from .core import Core
+from .wire import ProtocolError
+
+log = logging.getLogger("xenstored.server")
+
+RECV_SIZE = 65536
+
+
+class Waker:
+    """A re-armable event: edges sleep on it, the sans-I/O connection pokes it."""
+
+    __slots__ = ("_ev",)
+
+    def __init__(self) -> None:
+        self._ev = trio.Event()
+
+    def set(self) -> None:
+        self._ev.set()
+
+    async def wait(self) -> None:
+        ev = self._ev
+        await ev.wait()
+        if self._ev is ev:
+            self._ev = trio.Event()
+
+
+def make_listening_socket(path: str, backlog: int = 128) -> trio.socket.SocketType:
+    """Bind ``path`` (mode 0600), replacing a stale socket but never a live daemon's or a file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise OSError(errno.EADDRINUSE, f"another daemon is serving {path}")
+        finally:
+            probe.close()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    raw = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # no window in which the socket is reachable by others
+    try:
+        raw.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    raw.listen(backlog)
+    return trio.socket.from_stdlib_socket(raw)
+
+
+async def serve_socket_client(core: Core, stream: trio.SocketStream) -> None:
+    conn = core.new_connection(socket=True)
+    await run_stream_connection(conn, stream)
+
+
+async def run_stream_connection(conn: Connection, stream: trio.abc.Stream) -> None:
+    """Pump one byte-stream client until it disconnects or misbehaves."""
+    output = Waker()
+    drained = Waker()
+    conn.wakeup = output.set
+    log.debug("%s: connected", conn.label)
+
+    async def writer() -> None:
+        while True:
+            if conn.doomed:
+                log.warning("%s: disconnected: %s", conn.label, conn.doomed)
+                raise _Done()
+            data = conn.take_output()
+            if data:
+                await stream.send_all(data)
+                drained.set()
+                continue
+            await output.wait()
+
+    async def reader() -> None:
+        while True:
+            while not conn.wants_input:
+                if conn.doomed:
+                    return
+                await drained.wait()
+            data = await stream.receive_some(RECV_SIZE)
+            if not data:
+                raise _Done()
+            try:
+                conn.feed(data)
+            except ProtocolError as e:
+                log.warning("%s: protocol error, disconnecting: %s", conn.label, e)
+                raise _Done() from None
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            nursery.start_soon(reader)
+    except* (_Done, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        conn.close()
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        log.debug("%s: closed", conn.label)
+
+
+class _Done(Exception):
+    """The connection ends (EOF, protocol error, or it was doomed)."""
+
+
+async def serve_socket(core: Core, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    sock = make_listening_socket(path)
+    listener = trio.SocketListener(sock)
+    log.info("listening on %s", path)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # EMFILE and friends: keep serving the others
+                log.warning("accept failed: %s", e)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(serve_socket_client, core, stream)
