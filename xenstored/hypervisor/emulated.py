@@ -1,0 +1,360 @@
+"""An emulated hypervisor that speaks the oracle's fakexen convention, so that the same guest
+programs (our :mod:`xenstored.guest`, the oracle's ``xsring.py``) drive either daemon.
+
+State directory (``$FAKEXEN_DIR``, default ``<rundir>/fx``):
+
+``dom<N>.ring``
+    4 KiB file, domain N's xenstore page; both sides ``mmap(MAP_SHARED)`` it.  The gfn given to
+    INTRODUCE is ignored.  Like fakexen we create and size the file when it is missing or short.
+``xsd_port``
+    dom0's event channel as text (created with ``$FAKEXEN_XSD_PORT`` or ``1`` when absent/empty).
+``evtchn.sock``
+    our AF_UNIX SOCK_DGRAM socket; one text command per datagram::
+
+        notify <domid> [<remote_port>]   a guest kicks its channel -> "ok notify <local_port>"
+        port <local_port>                kick a local port directly -> "ok port <p>"
+        create|destroy|dying|crash <N>   change the domain table, raise VIRQ_DOM_EXC -> "ok <cmd> <N>"
+        shutdown <N> [<reason>]          likewise
+        virq                             raise VIRQ_DOM_EXC -> "ok virq <virq_port>"
+        exists <N>                       -> "ok 1" / "ok 0"
+
+    A sender with an address (bound or autobound) gets the reply once the command is applied;
+    for domain changes, that is after the daemon's ``on_dom_exc`` has run, so a test that says
+    ``destroy 5`` can immediately observe the cleanup.  Kicks coalesce per port.
+``dom<N>.evtchn``
+    optional guest socket; notifying a port bound to domain N sends ``notify <remote_port>`` there.
+
+Why not the real text parsing of C (strtol): we accept what ``int(x, 0)`` accepts; garbage gets an
+``err ...`` reply instead of being read as 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import mmap
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from ..wire import XsError
+from .base import (
+    SHUTDOWN_CRASH,
+    DomainInfo,
+    DomExcCallback,
+    Hypervisor,
+    PortCallback,
+)
+
+PAGE_SIZE = 4096
+MAX_DOMID = 0x7FF0  # DOMID_FIRST_RESERVED
+MAX_PORT = 4096
+DGRAM_MAX = 512  # commands are short; anything longer is garbage anyway
+BATCH = 256  # datagrams drained per wakeup before yielding, as fakexen does
+
+_EXISTS = 0x01
+_DYING = 0x02
+_SHUTDOWN = 0x04
+_CRASHED = 0x08
+
+
+def parse_domain_list(spec: str | None) -> set[int]:
+    """``"1-10,42"`` -> {1..10, 42}; bad tokens are skipped (the env var is a test convenience)."""
+    out: set[int] = set()
+    if not spec:
+        return out
+    for tok in spec.replace(",", " ").split():
+        lo, sep, hi = tok.partition("-")
+        try:
+            a = int(lo, 0)
+            b = int(hi, 0) if sep else a
+        except ValueError:
+            continue
+        out.update(d for d in range(max(a, 0), min(b, MAX_DOMID - 1) + 1))
+    return out
+
+
+def _int(tok: str) -> int | None:
+    try:
+        return int(tok, 0)
+    except ValueError:
+        return None
+
+
+class _Port:
+    __slots__ = ("addr", "domid", "rport")
+
+    def __init__(self, domid: int, rport: int, addr: str) -> None:
+        self.domid = domid
+        self.rport = rport
+        self.addr = addr
+
+
+class EmulatedHypervisor(Hypervisor):
+    """Files and datagram sockets standing in for grant tables and event channels."""
+
+    emulated = True
+
+    def __init__(
+        self,
+        fx_dir: str | os.PathLike[str],
+        domains: str | None = None,
+        xsd_port: str | None = None,
+    ) -> None:
+        self.dir = Path(fx_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if domains is None:
+            domains = os.environ.get("FAKEXEN_DOMAINS")
+        self._xsd_port_text = xsd_port or os.environ.get("FAKEXEN_XSD_PORT") or "1"
+        self._flags: dict[int, int] = {0: _EXISTS}
+        self._reason: dict[int, int] = {}
+        for d in parse_domain_list(domains):
+            self._flags[d] = _EXISTS
+        self._ports: dict[int, _Port] = {}
+        # Port 1 is the VIRQ_DOM_EXC binding, as in a C xenstored under fakexen (it binds the VIRQ
+        # before introducing dom0), so port numbers in replies match the oracle's.
+        self.virq_port = 1
+        self._maps: dict[int, tuple[mmap.mmap, memoryview]] = {}
+        self.sock_path = str(self.dir / "evtchn.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        try:
+            self._sock.bind(self.sock_path)
+        except OSError:
+            self._sock.close()
+            raise
+
+    # -- domains -------------------------------------------------------------------------------
+
+    def _info(self, domid: int, flags: int) -> DomainInfo:
+        return DomainInfo(
+            domid=domid,
+            shutdown=bool(flags & (_SHUTDOWN | _CRASHED)),
+            crashed=bool(flags & _CRASHED),
+            dying=bool(flags & _DYING),
+            shutdown_reason=self._reason.get(domid, 0),
+        )
+
+    def domain_info(self, domid: int) -> DomainInfo | None:
+        flags = self._flags.get(domid, 0)
+        if not flags & _EXISTS:
+            return None
+        return self._info(domid, flags)
+
+    def domains(self) -> list[DomainInfo]:
+        return [self._info(d, f) for d, f in sorted(self._flags.items()) if f & _EXISTS]
+
+    # Direct table manipulation, for in-process tests and embedding (no VIRQ raised).
+    def create_domain(self, domid: int) -> None:
+        self._flags[domid] = _EXISTS
+        self._reason.pop(domid, None)
+
+    def destroy_domain(self, domid: int) -> None:
+        if domid == 0:
+            raise ValueError("cannot destroy dom0")
+        self._flags.pop(domid, None)
+        self._reason.pop(domid, None)
+
+    # -- rings ---------------------------------------------------------------------------------
+
+    def ring_path(self, domid: int) -> Path:
+        return self.dir / f"dom{domid}.ring"
+
+    def _map_file(self, path: Path) -> mmap.mmap:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < PAGE_SIZE:
+                os.ftruncate(fd, PAGE_SIZE)
+            return mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+    def map_ring(self, domid: int, gfn: int) -> memoryview:
+        if self.domain_info(domid) is None:
+            raise XsError("EINVAL", f"map ring of nonexistent dom{domid}")
+        self.unmap_ring(domid)  # a re-map must see the current file, not a stale inode
+        try:
+            m = self._map_file(self.ring_path(domid))
+        except OSError as e:
+            raise XsError("EINVAL", f"map ring of dom{domid}: {e}") from e
+        view = memoryview(m)
+        self._maps[domid] = (m, view)
+        return view
+
+    def unmap_ring(self, domid: int) -> None:
+        entry = self._maps.pop(domid, None)
+        if entry is None:
+            return
+        m, view = entry
+        view.release()
+        try:
+            m.close()
+        except BufferError:
+            # Someone still holds a view (a Ring not yet released); the mapping goes away with
+            # the last view instead of failing a cleanup path.
+            pass
+
+    def dom0_ring(self) -> tuple[memoryview, int] | None:
+        port_file = self.dir / "xsd_port"
+        try:
+            text = port_file.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if not text:
+            port_file.write_text(self._xsd_port_text)
+            text = self._xsd_port_text.strip()
+        port = _int(text)
+        if port is None or port <= 0:
+            return None
+        return self.map_ring(0, 0), port
+
+    # -- event channels ------------------------------------------------------------------------
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        if self.domain_info(domid) is None:
+            raise XsError("EINVAL", f"bind to nonexistent dom{domid}")
+        for p in range(1, MAX_PORT):
+            if p != self.virq_port and p not in self._ports:
+                self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
+                return p
+        raise XsError("ENOSPC", "no free event channel port")
+
+    def unbind(self, local_port: int) -> None:
+        self._ports.pop(local_port, None)
+
+    def notify(self, local_port: int) -> None:
+        port = self._ports.get(local_port)
+        if port is None:
+            return
+        try:
+            self._sock.sendto(b"notify %d" % port.rport, socket.MSG_DONTWAIT, port.addr)
+        except OSError:
+            pass  # nobody listening, or its queue is full and it has kicks to read anyway
+
+    def bound_ports(self) -> dict[int, tuple[int, int]]:
+        """local port -> (domid, remote port), for state dumps and tests."""
+        return {p: (b.domid, b.rport) for p, b in self._ports.items()}
+
+    # -- command channel -----------------------------------------------------------------------
+
+    def command(self, text: str) -> tuple[str, int | None, bool]:
+        """Apply one command; returns (reply, local port kicked or None, raises VIRQ_DOM_EXC)."""
+        argv = text.split()[:4]
+        if not argv:
+            return "err empty", None, False
+        cmd = argv[0]
+        domid = _int(argv[1]) if len(argv) > 1 else None
+        if cmd == "notify" and domid is not None and domid >= 0:
+            rport = _int(argv[2]) if len(argv) > 2 else -1
+            if rport is None:
+                return "err bad command", None, False
+            for p in sorted(self._ports):
+                b = self._ports[p]
+                if b.domid == domid and (rport < 0 or b.rport == rport):
+                    return f"ok notify {p}", p, False
+            return f"err no binding for dom{domid}", None, False
+        if cmd == "port" and domid is not None:
+            if domid == self.virq_port:
+                return f"ok port {domid}", None, True
+            if domid in self._ports:
+                return f"ok port {domid}", domid, False
+        if cmd == "virq":
+            return f"ok virq {self.virq_port}", None, True
+        if domid is None or not 0 <= domid < MAX_DOMID:
+            return "err bad command", None, False
+        flags = self._flags.get(domid, 0)
+        if cmd == "create":
+            self.create_domain(domid)
+        elif cmd == "destroy":
+            if domid == 0:
+                return "err cannot destroy dom0", None, False
+            self.destroy_domain(domid)
+        elif cmd == "dying":
+            self._flags[domid] = flags | _DYING
+        elif cmd == "shutdown":
+            reason = _int(argv[2]) if len(argv) > 2 else 0
+            self._flags[domid] = flags | _SHUTDOWN
+            self._reason[domid] = reason if reason is not None else 0
+        elif cmd == "crash":
+            self._flags[domid] = flags | _CRASHED
+            self._reason[domid] = SHUTDOWN_CRASH
+        elif cmd == "exists":
+            return ("ok 1" if flags & _EXISTS else "ok 0"), None, False
+        else:
+            return f"err unknown command {cmd}"[:200], None, False
+        return f"ok {cmd} {domid}", None, True
+
+    def _drain(self) -> tuple[list[int], bool, list[tuple[bytes, str | bytes]]]:
+        """Read up to BATCH datagrams; returns (kicked ports in order, virq raised, replies)."""
+        kicked: dict[int, None] = {}  # insertion-ordered set: kicks coalesce per port
+        virq = False
+        replies: list[tuple[bytes, str | bytes]] = []
+        for _ in range(BATCH):
+            try:
+                data, addr = self._sock.recvfrom(DGRAM_MAX)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # pragma: no cover - e.g. ECONNREFUSED noise; keep serving
+                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                continue
+            if data == b"wake":
+                continue
+            try:
+                text = data.decode("ascii")
+            except UnicodeDecodeError:
+                reply, port, raised = "err bad command", None, False
+            else:
+                reply, port, raised = self.command(text)
+            if port is not None:
+                kicked[port] = None
+            virq |= raised
+            if addr:
+                replies.append((reply.encode("ascii", "replace"), addr))
+        return list(kicked), virq, replies
+
+    def _send_replies(self, replies: list[tuple[bytes, str | bytes]]) -> None:
+        for reply, addr in replies:
+            try:
+                self._sock.sendto(reply, socket.MSG_DONTWAIT, addr)
+            except OSError:
+                pass  # the sender is gone or not reading; it asked, we tried
+
+    async def run(
+        self,
+        on_port_kicked: PortCallback,
+        on_dom_exc: DomExcCallback,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        while True:
+            await trio.lowlevel.wait_readable(self._sock)
+            kicked, virq, replies = self._drain()
+            try:
+                for port in kicked:
+                    if port in self._ports:  # may have been unbound by an earlier callback
+                        on_port_kicked(port)
+                if virq:
+                    res = on_dom_exc()
+                    if inspect.isawaitable(res):
+                        await res
+            finally:
+                self._send_replies(replies)
+            await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        for domid in list(self._maps):
+            self.unmap_ring(domid)
+        if self._sock.fileno() >= 0:
+            self._sock.close()
+            try:
+                os.unlink(self.sock_path)
+            except OSError:
+                pass
