@@ -513,4 +513,4 @@ def _check_transaction_nodes(conn: Connection, txn: Transaction) -> None:
         raise _refuse(conn, "transaction-nodes", limit, touched)
 
 
-__all__ = ["dispatch", "HANDLERS", "DOMID_SELF"]
+__all__ = ["DOMID_SELF", "HANDLERS", "dispatch"]

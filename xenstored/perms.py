@@ -51,7 +51,7 @@ def _parse_id(text: str) -> int:
         s = s[1:]
     try:
         if s[:2] in ("0x", "0X"):
-            value = int(s[2:], 16) if s[2:] else None
+            value = int(s, 0) if s[2:] else None
         elif len(s) > 1 and s[0] == "0":
             value = int(s[1:], 8)
         else:

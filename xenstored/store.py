@@ -33,7 +33,7 @@ class Node:
     adding a child under it (the blind-create merge of Part A).
     """
 
-    __slots__ = ("value", "perms", "vgen", "cgen")
+    __slots__ = ("cgen", "perms", "value", "vgen")
 
     def __init__(self, value: bytes, perms: Perms, vgen: int, cgen: int) -> None:
         self.value = value
@@ -44,7 +44,7 @@ class Node:
     @property
     def gen(self) -> int:
         """The generation DIRECTORY_PART reports: any change to the node moves it."""
-        return self.vgen if self.vgen > self.cgen else self.cgen
+        return max(self.cgen, self.vgen)
 
     @property
     def owner(self) -> int:

@@ -43,19 +43,19 @@ class Conflict(Exception):
 
 class Transaction:
     __slots__ = (
-        "store",
-        "snap",
-        "tx_id",
-        "implicit",
-        "writes",
-        "reads",
-        "dir_reads",
         "added",
-        "removed",
         "changes",
-        "failed",
         "closed",
+        "dir_reads",
+        "failed",
+        "implicit",
         "owned_delta",
+        "reads",
+        "removed",
+        "snap",
+        "store",
+        "tx_id",
+        "writes",
     )
 
     def __init__(self, store: Store, tx_id: int = 0, *, implicit: bool = False) -> None:

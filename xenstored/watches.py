@@ -115,4 +115,4 @@ class WatchRegistry:
         return [w for lst in self._by_path.values() for w in lst]
 
 
-__all__ = ["Watch", "WatchRegistry", "ROOT"]
+__all__ = ["ROOT", "Watch", "WatchRegistry"]

@@ -1,0 +1,65 @@
+"""Path syntax: validation, canonical form, relative paths, special names, path-max."""
+
+import pytest
+
+from xenstored import paths
+from xenstored.wire import XsError
+
+HOME = "/local/domain/5"
+
+
+@pytest.mark.parametrize("good", ["/", "/a", "/a/b-c_d", "/local/domain/0/x@y", "/A9"])
+def test_valid_absolute_paths(good):
+    assert paths.canonicalize(good, HOME) == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "//", "/a/", "/a//b", "/a.b", "/a b", "/a:b", "/é", "@introduceDomain", "/local/domain/"]
+)
+def test_invalid_paths_are_einval(bad):
+    with pytest.raises(XsError) as e:
+        paths.canonicalize(bad, HOME)
+    assert e.value.name == "EINVAL"
+
+
+def test_relative_paths_hang_below_home():
+    assert paths.canonicalize("device/vbd", HOME) == "/local/domain/5/device/vbd"
+    assert paths.relative_to("/local/domain/5/device/vbd", HOME) == "device/vbd"
+    assert paths.relative_to("/tool", HOME) == "/tool"
+
+
+@pytest.mark.parametrize(
+    "special", ["@introduceDomain", "@releaseDomain", "@releaseDomain/7", "@introduceDomain/0"]
+)
+def test_special_names(special):
+    assert paths.canonicalize_any(special, HOME) == special
+    assert paths.is_special(special)
+
+
+@pytest.mark.parametrize("bad", ["@foo", "@releaseDomain/", "@releaseDomain/x", "@releaseDomain/123456", "@"])
+def test_bad_special_names(bad):
+    with pytest.raises(XsError):
+        paths.canonicalize_any(bad, HOME)
+
+
+def test_effective_length_counts_below_the_domain_home():
+    assert paths.effective_length("/local/domain/12/abc") == 3
+    assert paths.effective_length("/abc") == 4
+    assert paths.effective_length("/local/domain/123456/a") == len("/local/domain/123456/a")
+
+
+def test_tree_helpers():
+    assert paths.parent("/a/b") == "/a" and paths.parent("/a") == "/"
+    assert paths.basename("/a/b") == "b"
+    assert paths.join("/", "a") == "/a" and paths.join("/a", "b") == "/a/b"
+    assert paths.ancestors("/a/b") == ["/a/b", "/a", "/"]
+    assert paths.depth_below("/a/b/c", "/a") == 2 and paths.depth_below("/a", "/") == 1
+    assert paths.depth_below("/a", "/a") == 0
+    assert paths.is_descendant_or_self("/a/b", "/a")
+    assert not paths.is_descendant_or_self("/ab", "/a")
+    assert paths.is_descendant_or_self("/ab", "/")
+
+
+def test_non_ascii_is_einval():
+    with pytest.raises(XsError):
+        paths.decode(b"/\xff")
