@@ -1,0 +1,328 @@
+"""What each operation does, through the real dispatcher with no I/O (sans-I/O Peer)."""
+
+import logging
+
+import pytest
+from sansio import Peer, make_core
+
+from xenstored.wire import Op
+
+
+@pytest.fixture
+def core():
+    return make_core()
+
+
+@pytest.fixture
+def d0(core):
+    return Peer(core)
+
+
+def guest(core, domid):
+    return Peer(core, domid, socket=False)
+
+
+# ------------------------------------------------------------------ basics
+def test_initial_tree_as_c(d0):
+    assert d0.ls("/") == ["tool"]
+    assert d0.ls("/tool") == ["xenstored"]
+    assert d0.getperms("/") == ["n0"]
+    assert d0.getperms("/tool/xenstored") == ["n0"]
+
+
+def test_write_creates_parents_and_read_returns_exact_bytes(d0):
+    d0.write("/a/b/c", b"x\0y")
+    assert d0.read("/a/b/c") == b"x\0y"
+    assert d0.read("/a/b") == b""
+    assert d0.ls("/a") == ["b"]
+
+
+def test_relative_paths_of_a_socket_client_are_below_dom0_home(d0):
+    d0.write("rel", "1")
+    assert d0.read("/local/domain/0/rel") == b"1"
+
+
+def test_directory_of_a_leaf_is_empty_payload(d0):
+    d0.write("/leaf", "v")
+    assert d0.call(Op.DIRECTORY, b"/leaf\0") == b""
+
+
+def test_mkdir_existing_is_a_noop(d0):
+    d0.write("/m", "keep")
+    d0.mkdir("/m")
+    assert d0.read("/m") == b"keep"
+
+
+def test_rm_removes_subtree_and_rm_root_is_einval(d0):
+    d0.write("/r/a/b", "1")
+    d0.rm("/r")
+    assert d0.err(Op.READ, b"/r/a/b\0") == "ENOENT"
+    assert d0.err(Op.RM, b"/\0") == "EINVAL"
+    assert d0.err(Op.RM, b"/nothing\0") == "ENOENT"
+
+
+def test_malformed_requests(d0):
+    assert d0.err(Op.READ, b"/a") == "EINVAL"
+    assert d0.err(Op.READ, b"") == "EINVAL"
+    assert d0.err(Op.WRITE, b"/a") == "EINVAL"
+    assert d0.err(Op.READ, b"/a/\0") == "EINVAL"
+    assert d0.err(Op.READ, b"@introduceDomain\0") == "EINVAL"
+    assert d0.err(Op.SET_PERMS, b"/tool\0") == "EINVAL"
+    assert d0.err(Op.SET_PERMS, b"/tool\0q0\0") == "EINVAL"
+    assert d0.err(Op.GET_DOMAIN_PATH, b"abc\0") == "EINVAL"
+    assert d0.err(Op.TRANSACTION_END, b"X\0", 0) == "ENOENT"
+
+
+@pytest.mark.parametrize("op", [15, 16, 20, 27, 99, 0xFFFF])
+def test_unknown_and_server_only_types_are_enosys(d0, op):
+    assert d0.err(op, b"") == "ENOSYS"
+
+
+def test_reply_over_4096_is_e2big(d0):
+    for i in range(100):
+        d0.write(f"/big/{'n' * 60}{i:03d}", "")
+    assert d0.err(Op.DIRECTORY, b"/big\0") == "E2BIG"
+
+
+def test_directory_part_pages_through_a_big_directory(d0):
+    names = sorted(f"{'n' * 60}{i:03d}" for i in range(150))
+    for n in names:
+        d0.write(f"/big/{n}", "")
+    got, offset, gen = b"", 0, None
+    while True:
+        reply = d0.call(Op.DIRECTORY_PART, b"/big\0" + str(offset).encode() + b"\0")
+        g, _, chunk = reply.partition(b"\0")
+        assert len(reply) <= 4096
+        gen = gen or g
+        assert g == gen
+        if chunk.endswith(b"\0\0") or chunk == b"\0":
+            got += chunk[:-1]
+            break
+        got += chunk
+        offset = len(got)
+    assert got.split(b"\0")[:-1] == [n.encode() for n in names]
+
+
+def test_get_domain_path(d0):
+    assert d0.call(Op.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
+
+
+# ------------------------------------------------------------------ transactions
+def test_transaction_ids_and_errors(d0):
+    t = d0.start()
+    assert t != 0
+    assert d0.err(Op.TRANSACTION_START, b"\0", t) == "EBUSY"
+    assert d0.err(Op.TRANSACTION_START, b"\0", 4242) == "ENOENT"
+    assert d0.err(Op.READ, b"/tool\0", 4242) == "ENOENT"
+    assert d0.err(Op.TRANSACTION_END, b"maybe\0", t) == "EINVAL"
+    d0.end(t)
+    assert d0.err(Op.TRANSACTION_END, b"T\0", t) == "ENOENT"
+
+
+def test_transaction_events_only_at_commit(core, d0):
+    w = Peer(core)
+    w.watch("/t", "tok")
+    w.events.clear()
+    t = d0.start()
+    d0.write("/t/x", "1", tx=t)
+    w.drain()
+    assert w.events == []
+    d0.end(t)
+    w.drain()
+    assert w.events == [("/t/x", "tok")]
+
+
+def test_conflict_is_eagain(d0, core):
+    other = Peer(core)
+    d0.write("/c", "0")
+    t = d0.start()
+    assert d0.read("/c", t) == b"0"
+    d0.write("/c", "1", tx=t)
+    other.write("/c", "2")
+    assert d0.err(Op.TRANSACTION_END, b"T\0", t) == "EAGAIN"
+    assert d0.read("/c") == b"2"
+
+
+def test_reset_watches_drops_transactions(d0):
+    t = d0.start()
+    assert d0.call(Op.RESET_WATCHES, b"") == b"OK\0"
+    assert d0.err(Op.READ, b"/tool\0", t) == "ENOENT"
+
+
+# ------------------------------------------------------------------ watches
+def test_watch_ok_then_initial_event(d0):
+    msgs = d0.send(Op.WATCH, b"/nope\0tk\0")
+    assert [m.type for m in msgs] == [Op.WATCH, Op.WATCH_EVENT]
+    assert msgs[0].payload == b"OK\0"
+    assert msgs[1].payload == b"/nope\0tk\0" and msgs[1].req_id == 0
+
+
+def test_own_event_precedes_reply(d0):
+    d0.watch("/o", "t")
+    msgs = d0.send(Op.WRITE, b"/o/x\0v")
+    assert [m.type for m in msgs] == [Op.WATCH_EVENT, Op.WRITE]
+
+
+def test_duplicate_watch_and_unknown_unwatch(d0):
+    d0.watch("/w", "t")
+    assert d0.err(Op.WATCH, b"/w\0t\0") == "EEXIST"
+    d0.watch("/w", "t2")
+    assert d0.call(Op.UNWATCH, b"/w\0t\0") == b"OK\0"
+    assert d0.err(Op.UNWATCH, b"/w\0t\0") == "ENOENT"
+
+
+def test_rm_fires_target_ancestors_and_exact_descendants(core, d0):
+    d0.write("/r/a/b", "1")
+    w = Peer(core)
+    for p in ["/", "/r", "/r/a", "/r/a/b", "/r/a/b/ghost"]:
+        w.watch(p, p)
+    w.events.clear()
+    d0.rm("/r/a")
+    w.drain()
+    assert sorted(w.events) == sorted([("/r/a", "/"), ("/r/a", "/r"), ("/r/a", "/r/a"), ("/r/a/b", "/r/a/b")])
+
+
+def test_relative_watch_reports_relative_paths(core):
+    g = guest(core, 0)
+    g.watch("dev", "t")
+    g.write("dev/x", "1")
+    assert g.events[-1] == ("dev/x", "t")
+
+
+def test_depth_limited_watch(core, d0):
+    d0.watch("/d", "t", depth=1)
+    d0.events.clear()
+    d0.write("/d/x", "")
+    d0.write("/d/x/y", "")
+    assert d0.events == [("/d/x", "t")]
+
+
+def test_special_watches_and_perms(core, d0):
+    assert d0.getperms("@releaseDomain") == ["n0", "r32757"]
+    assert d0.getperms("@introduceDomain") == ["n0"]
+    d0.setperms("@introduceDomain", "n0", "r5")
+    assert d0.getperms("@introduceDomain") == ["n0", "r5"]
+    d0.watch("@releaseDomain", "rel")
+    d0.events.clear()
+    core.fire_special("@releaseDomain", 3)
+    d0.drain()
+    assert d0.events == [("@releaseDomain", "rel")]
+
+
+# ------------------------------------------------------------------ unprivileged
+def test_guest_permission_rules(core, d0):
+    d0.write("/local/domain/5/x", "v")
+    g = guest(core, 5)
+    assert g.err(Op.READ, b"/local/domain/5/x\0") == "EACCES"
+    assert g.err(Op.READ, b"/local/domain/5/missing\0") == "EACCES"  # unreadable parent
+    d0.setperms("/local/domain/5", "n5")
+    assert g.err(Op.READ, b"/local/domain/5/missing\0") == "ENOENT"
+    g.write("mine", "1")
+    assert g.getperms("mine") == ["n5"]
+
+
+def test_guest_becomes_owner_but_keeps_others_letter(core, d0):
+    d0.write("/shared", "")
+    d0.setperms("/shared", "r0", "b5")
+    g = guest(core, 5)
+    g.write("/shared/c", "")
+    assert d0.getperms("/shared/c") == ["r5", "b5"]
+
+
+def test_guest_set_perms_rules(core, d0):
+    d0.write("/local/domain/5/n", "")
+    d0.setperms("/local/domain/5/n", "n5")
+    d0.write("/other", "")
+    g = guest(core, 5)
+    assert g.err(Op.SET_PERMS, b"/local/domain/5/n\0n6\0") == "EPERM"
+    g.setperms("/local/domain/5/n", "n5", "r6")
+    assert g.err(Op.SET_PERMS, b"/other\0n5\0") == "EACCES"
+
+
+def test_privileged_ops_refused_to_guests(core):
+    g = guest(core, 5)
+    for op in (Op.CONTROL, Op.INTRODUCE, Op.RELEASE, Op.IS_DOMAIN_INTRODUCED, Op.SET_TARGET, Op.SET_QUOTA):
+        assert g.err(op, b"1\0") == "EACCES"
+
+
+def test_watch_events_filtered_by_read_permission(core, d0):
+    """XSA-115: a guest watching / must not learn of nodes it cannot read."""
+    d0.write("/secret/x", "")
+    g = guest(core, 5)
+    g.watch("/", "all")
+    g.events.clear()
+    d0.write("/secret/x", "1")
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    g.drain()
+    assert ("/secret/x", "all") not in g.events
+    assert ("/local/domain/5", "all") in g.events
+
+
+def test_path_max_applies_below_guest_home(core, d0):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    core.domain(5).quotas.set("path-max", 10)
+    g = guest(core, 5)
+    g.write("a" * 10, "")
+    assert g.err(Op.WRITE, b"a" * 11 + b"\0") == "EINVAL"
+    d0.write("/local/domain/5/" + "b" * 50, "")  # the privileged are exempt
+
+
+# ------------------------------------------------------------------ quotas
+def test_quota_n_allows_exactly_n_and_refusals_are_logged(core, d0, caplog):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")  # the home counts: dom5 owns 1 node
+    core.domain(5).quotas.set("nodes", 3)
+    core.domain(5).quotas.set("watches", 2)
+    core.domain(5).quotas.set("transactions", 1)
+    core.domain(5).quotas.set("node-permissions", 2)
+    core.domain(5).quotas.set("node-size", 100)
+    g = guest(core, 5)
+    g.write("a", "")
+    g.write("b", "")
+    with caplog.at_level(logging.WARNING, logger="xenstored.quota"):
+        assert g.err(Op.WRITE, b"c\0") == "ENOSPC"
+    assert "domain 5" in caplog.text and "nodes" in caplog.text
+    g.watch("a", "1")
+    g.watch("a", "2")
+    assert g.err(Op.WATCH, b"a\0" + b"3\0") == "ENOSPC"
+    t = g.start()
+    assert g.err(Op.TRANSACTION_START, b"\0") == "ENOSPC"
+    g.end(t)
+    g.setperms("a", "n5", "r1")
+    assert g.err(Op.SET_PERMS, b"a\0n5\0r1\0r2\0") == "ENOSPC"
+    g.write("a", "x" * 84)  # 84 + 8 per permission entry: exactly 100
+    assert g.err(Op.WRITE, b"a\0" + b"x" * 85) == "ENOSPC"
+    assert core.refusals.count >= 5
+
+
+def test_nodes_quota_rechecked_at_commit(core, d0):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    core.domain(5).quotas.set("nodes", 2)
+    g = guest(core, 5)
+    t = g.start()
+    g.write("a", "", tx=t)
+    g.write("b", "")  # outside: now at the limit
+    assert g.err(Op.TRANSACTION_END, b"T\0", t) == "ENOSPC"
+
+
+def test_transaction_nodes_quota_fails_the_transaction(core, d0):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    core.domain(5).quotas.set("transaction-nodes", 3)
+    g = guest(core, 5)
+    t = g.start()
+    g.write("a", "", tx=t)
+    assert g.err(Op.WRITE, b"b/c/d\0", t) == "ENOSPC"
+    assert g.err(Op.TRANSACTION_END, b"T\0", t) == "ENOSPC"
+
+
+# ------------------------------------------------------------------ control
+def test_control(d0, core):
+    assert b"print" in d0.call(Op.CONTROL, b"help\0")
+    assert d0.call(Op.CONTROL, b"print\0hello\0") == b"OK\0"
+    assert d0.call(Op.CONTROL, b"check\0") == b"OK\0"
+    assert d0.err(Op.CONTROL, b"bogus\0") == "EINVAL"
+    assert b"nodes" in d0.call(Op.CONTROL, b"quota\0")

@@ -1,0 +1,116 @@
+"""The MVCC node table: versions, snapshots, child index, reclamation."""
+
+import pytest
+
+from xenstored.perms import owner_only
+from xenstored.store import Store
+from xenstored.transactions import Conflict, Transaction
+
+P = owner_only(0)
+
+
+def write(store: Store, path: str, value: bytes = b"") -> None:
+    t = Transaction(store, implicit=True)
+    t.put(path, value, P, existed=store.get(path) is not None)
+    t.commit()
+
+
+def delete(store: Store, path: str) -> None:
+    t = Transaction(store, implicit=True)
+    t.delete(path)
+    t.commit()
+
+
+def test_initial_store_has_only_root():
+    s = Store()
+    assert s.get("/") is not None and s.child_names("/") == []
+
+
+def test_children_in_byte_order_and_no_interleaving_with_similar_names():
+    s = Store()
+    for p in ["/b", "/a", "/a-x", "/a/z", "/a/y", "/A", "/a_b", "/aa"]:
+        write(s, p)
+    assert s.child_names("/") == ["A", "a", "a-x", "a_b", "aa", "b"]
+    assert s.child_names("/a") == ["y", "z"]
+    assert list(s.walk("/a")) == ["/a", "/a/y", "/a/z"]
+
+
+def test_snapshot_sees_old_versions_until_closed():
+    s = Store()
+    write(s, "/x", b"1")
+    snap = s.open_snapshot()
+    write(s, "/x", b"2")
+    write(s, "/y", b"new")
+    delete(s, "/x")
+    assert s.get_at("/x", snap).value == b"1"
+    assert s.get_at("/y", snap) is None
+    assert s.child_names("/", snap) == ["x"]
+    assert s.get("/x") is None and s.child_names("/") == ["y"]
+    assert s.version_count() > 3
+    s.close_snapshot(snap)
+    assert s.version_count() == 2  # '/' and '/y': every shadowed version reclaimed
+
+
+def test_snapshot_start_copies_nothing():
+    s = Store()
+    for i in range(2000):
+        write(s, f"/n{i}")
+    before = s.version_count()
+    t = Transaction(s)
+    assert s.version_count() == before
+    assert t.get("/n5") is not None
+    t.close()
+
+
+def test_child_change_moves_cgen_not_vgen():
+    s = Store()
+    write(s, "/p", b"v")
+    n1 = s.get("/p")
+    write(s, "/p/c")
+    n2 = s.get("/p")
+    assert n2.vgen == n1.vgen and n2.cgen > n1.cgen and n2.gen > n1.gen
+
+
+def test_blind_creates_under_one_parent_merge():
+    s = Store()
+    write(s, "/p")
+    a, b = Transaction(s), Transaction(s)
+    for t, name in ((a, "/p/a"), (b, "/p/b")):
+        assert t.get("/p") is not None and t.get(name) is None
+        t.put(name, b"", P, existed=False)
+    a.commit()
+    b.commit()
+    assert s.child_names("/p") == ["a", "b"]
+
+
+def test_listing_conflicts_with_a_new_child():
+    s = Store()
+    write(s, "/p")
+    a, b = Transaction(s), Transaction(s)
+    assert a.children("/p") == []
+    a.put("/q", b"", P, existed=False)
+    b.get("/p/x")
+    b.put("/p/x", b"", P, existed=False)
+    b.commit()
+    with pytest.raises(Conflict):
+        a.commit()
+
+
+def test_read_only_transactions_always_commit():
+    s = Store()
+    write(s, "/p", b"1")
+    t = Transaction(s)
+    assert t.get("/p").value == b"1"
+    write(s, "/p", b"2")
+    assert t.commit() == []
+
+
+def test_owner_counts_follow_commits():
+    s = Store()
+    t = Transaction(s, implicit=True)
+    t.put("/a", b"", owner_only(5), existed=False)
+    t.put("/a/b", b"", owner_only(5), existed=False)
+    t.commit()
+    assert s.owned[5] == 2
+    delete(s, "/a/b")
+    assert s.owned[5] == 1
