@@ -111,7 +111,7 @@ async def run(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_socket, core, cfg.socket)
-            log.info("ready: XENSTORED_PATH=%s", cfg.socket)
+            log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
             if ready is not None:
                 ready()
             async for signum in signals:
