@@ -15,9 +15,11 @@ from collections.abc import Callable
 
 import trio
 
+from . import hypervisor
 from .config import Config
 from .core import Core
-from .server import serve_socket
+from .domains import DomainManager
+from .server import serve_domains, serve_socket
 
 log = logging.getLogger("xenstored")
 
@@ -108,8 +110,15 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
 async def run(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     """Serve until cancelled or SIGTERM/SIGINT."""
     core = Core(cfg)
+    hv = hypervisor.choose(cfg.emulate, cfg.rundir)
+    manager = DomainManager(core, hv)
+    if cfg.domain_init and not manager.introduce_dom0():
+        log.info("no ring page for the store domain; serving the socket only")
+    if hv.emulated:
+        log.info("emulated hypervisor in %s", getattr(hv, "dir", "?"))
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(serve_domains, manager)
             await nursery.start(serve_socket, core, cfg.socket)
             log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
             if ready is not None:
@@ -118,6 +127,7 @@ async def run(cfg: Config, ready: Callable[[], None] | None = None) -> None:
                 log.info("signal %d: shutting down", signum)
                 nursery.cancel_scope.cancel()
                 break
+    hv.close()
     try:
         os.unlink(cfg.socket)
     except OSError:

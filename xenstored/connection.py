@@ -118,6 +118,13 @@ class Connection:
         payload = path.encode("ascii") + b"\0" + token.encode("latin-1") + b"\0"
         if len(payload) > PAYLOAD_MAX:
             return
+        if not self.privileged:
+            # An unprivileged watcher that does not read its events loses them rather than
+            # growing the daemon past its memory quota (as C drops them).
+            limit = self.domain.quotas["memory"]
+            if limit and self.out_bytes + len(payload) > limit:
+                self.core.refusals.refuse(self.domid, "memory", limit, self.out_bytes + len(payload), "event")
+                return
         if self.out_bytes + len(payload) > self.core.config.output_limit_bytes and not self.doomed:
             # A client that lets events pile up without reading would grow us without bound.
             self.doomed = f"output queue over {self.core.config.output_limit_bytes} bytes"

@@ -1,19 +1,47 @@
-"""Domain records: per-domain quotas, features, target, and the ring connection if introduced.
+"""Domains: their records, the domain operations, ring pumping and death handling.
 
 A record exists for every domain the daemon has dealt with: introduced guests, dom0, and domains
-named in permissions.  Quotas are copied from the global defaults when the record is created, so
-later global changes affect only domains created afterwards (as C-4.22).
+named in quotas or features.  Quotas are copied from the global defaults when the record is
+created, so later global changes affect only domains created afterwards (as C-4.22).
+
+Everything here is synchronous: the hypervisor's map/bind/notify calls are quick and never block,
+so INTRODUCE completes inside its request.  The trio edge (server.py) only calls
+:meth:`DomainManager.pump` when a port is kicked or a connection has output.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
+from . import paths, perms, quota
+from .paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
 from .quota import Quotas
-from .wire import FEATURES_ALL
+from .ring import Ring, RingError
+from .transactions import Transaction
+from .wire import (
+    DOMID_SELF,
+    ERRORS,
+    FEATURES_ALL,
+    Message,
+    ProtocolError,
+    XsError,
+    atoi,
+    parse_domid,
+    single_arg,
+    split_args,
+)
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .core import Core
+    from .hypervisor import Hypervisor
+
+log = logging.getLogger("xenstored.domains")
+
+OK = b"OK\0"
+RECONNECT = 1
+ERROR_PROTO = 3
 
 
 class Domain:
@@ -23,12 +51,348 @@ class Domain:
         self.features = FEATURES_ALL
         self.target: int | None = None
         self.conn: Connection | None = None  # ring connection once introduced
+        self.ring: Ring | None = None
         self.introduced = False
         self.shutdown_reported = False
         self.port: int | None = None  # remote event channel port given at INTRODUCE
         self.local_port: int | None = None
         self.gfn = 0
-        self.ignored = False  # misbehaved: ring error set, nothing read until re-introduced
+        # Misbehaved (bad ring index, oversized request): the error field is set and nothing is
+        # read or written until the domain dies or the toolstack re-introduces it.
+        self.ignored = False
 
     def __repr__(self) -> str:
         return f"<Domain {self.domid}{' introduced' if self.introduced else ''}>"
+
+
+class DomainManager:
+    """The domain operations and the per-domain ring pumps."""
+
+    def __init__(self, core: Core, hv: Hypervisor) -> None:
+        self.core = core
+        self.hv = hv
+        self.by_port: dict[int, Domain] = {}
+        self._dirty: dict[int, Domain] = {}
+        self.wakeup = lambda: None  # set by the edge: a connection has output to flush
+        core.domain_ops = self
+        core.hypervisor = hv
+
+    # ------------------------------------------------------------------------- introduce
+    def introduce_dom0(self) -> bool:
+        """Introduce the store domain's own ring at start (upstream: /proc/xen/xsd_kva)."""
+        found = self.hv.dom0_ring()
+        if found is None:
+            return False
+        view, remote = found
+        self._connect(self.core.domain(self.core.priv_domid), view, remote, 0)
+        return True
+
+    def _connect(self, dom: Domain, view: memoryview, remote_port: int, gfn: int) -> None:
+        ring = Ring(view)
+        if ring.evtchn_port:  # dom0less: Xen filled in the port (C-4.21+)
+            remote_port = ring.evtchn_port
+        local = self.hv.bind_interdomain(dom.domid, remote_port)
+        conn = self.core.new_connection(dom.domid, socket=False)
+        conn.wakeup = lambda: self._mark(dom)
+        dom.conn, dom.ring, dom.port, dom.local_port, dom.gfn = conn, ring, remote_port, local, gfn
+        dom.introduced = True
+        dom.ignored = False
+        dom.shutdown_reported = False
+        self.by_port[local] = dom
+        ring.features = dom.features
+        ring.reset()
+        ring.set_error(0)
+        if ring.connection == RECONNECT:
+            ring.connection = 0
+        self.hv.notify(local)
+        self._mark(dom)
+
+    def introduce(self, conn: Connection, msg: Message) -> bytes:
+        args = split_args(msg.payload)
+        if len(args) < 3:
+            raise XsError("EINVAL", "INTRODUCE wants domid, gfn and port")
+        domid = parse_domid(args[0])
+        gfn = atoi(args[1]) & 0xFFFFFFFFFFFFFFFF
+        port = atoi(args[2])
+        if port <= 0:
+            raise XsError("EINVAL", "bad event channel port")
+        if self.hv.domain_info(domid) is None:
+            raise XsError("EINVAL", "no such domain")
+        dom = self.core.domain(domid)
+        if dom.introduced:
+            # Re-introduction (resume, restore, or reviving an ignored domain): rebind and reset.
+            assert dom.conn is not None and dom.local_port is not None
+            dom.conn.reset()
+            self.by_port.pop(dom.local_port, None)
+            self.hv.unbind(dom.local_port)
+            ring = dom.ring
+            assert ring is not None
+            if ring.evtchn_port:
+                port = ring.evtchn_port
+            local = self.hv.bind_interdomain(domid, port)
+            dom.port, dom.local_port, dom.ignored, dom.shutdown_reported = port, local, False, False
+            self.by_port[local] = dom
+            ring.reset()
+            ring.set_error(0)
+            ring.features = dom.features
+            if ring.connection == RECONNECT:
+                ring.connection = 0
+            self.hv.notify(local)
+            self._mark(dom)
+            log.info("dom%d re-introduced (port %d)", domid, port)
+            return OK
+        view = self.hv.map_ring(domid, gfn)
+        try:
+            self._connect(dom, view, port, gfn)
+        except BaseException:
+            self.hv.unmap_ring(domid)
+            raise
+        log.info("dom%d introduced (port %d)", domid, port)
+        if domid != self.core.priv_domid:
+            self.core.fire_special(INTRODUCE_DOMAIN, domid)
+        return OK
+
+    def _introduced(self, raw: bytes) -> Domain:
+        domid = parse_domid(raw)
+        dom = self.core.domains.get(domid)
+        if dom is None or not dom.introduced:
+            raise XsError("ENOENT", "domain not introduced")
+        if domid == self.core.priv_domid:
+            raise XsError("EINVAL", "the privileged domain")
+        return dom
+
+    def release(self, conn: Connection, msg: Message) -> bytes:
+        dom = self._introduced(single_arg(msg.payload))
+        self.destroy(dom, "released")
+        return OK
+
+    def resume(self, conn: Connection, msg: Message) -> bytes:
+        dom = self._introduced(single_arg(msg.payload))
+        dom.shutdown_reported = False
+        return OK
+
+    def is_domain_introduced(self, conn: Connection, msg: Message) -> bytes:
+        domid = parse_domid(single_arg(msg.payload))
+        dom = self.core.domains.get(domid)
+        return b"T\0" if domid == DOMID_SELF or (dom is not None and dom.introduced) else b"F\0"
+
+    def set_target(self, conn: Connection, msg: Message) -> bytes:
+        args = split_args(msg.payload)
+        if len(args) != 2:
+            raise XsError("EINVAL", "SET_TARGET wants two domain ids")
+        domid, tdomid = parse_domid(args[0]), parse_domid(args[1])
+        dom = self.core.domains.get(domid)
+        tdom = self.core.domains.get(tdomid)
+        if dom is None or tdom is None or not dom.introduced or not tdom.introduced:
+            raise XsError("ENOENT", "domain not introduced")
+        dom.target = tdomid
+        return OK
+
+    # ------------------------------------------------------------------------- features, quotas
+    def _existing(self, raw: bytes) -> Domain:
+        domid = parse_domid(raw)
+        if self.hv.domain_info(domid) is None:
+            raise XsError("ENOENT", "no such domain")
+        return self.core.domain(domid)
+
+    def get_feature(self, conn: Connection, msg: Message) -> bytes:
+        args = split_args(msg.payload)
+        if not msg.payload:
+            return f"{conn.domain.features if not conn.is_socket else FEATURES_ALL}\0".encode()
+        if not conn.privileged:
+            raise XsError("EACCES")
+        if len(args) != 1:
+            raise XsError("EINVAL")
+        return f"{self._existing(args[0]).features}\0".encode()
+
+    def set_feature(self, conn: Connection, msg: Message) -> bytes:
+        args = split_args(msg.payload)
+        if len(args) != 2:
+            raise XsError("EINVAL")
+        dom = self._existing(args[0])
+        if dom.introduced:
+            raise XsError("EBUSY", "features are fixed at introduction")
+        value = atoi(args[1])
+        if value < 0 or value & ~FEATURES_ALL:
+            raise XsError("EINVAL", "unsupported feature bits")
+        dom.features = value
+        return OK
+
+    def get_quota(self, conn: Connection, msg: Message) -> bytes:
+        args = split_args(msg.payload)
+        if not args:
+            return (" ".join(quota.NAMES) + "\0").encode()
+        if len(args) == 1:
+            name = quota.canonical_name(args[0].decode("latin-1"))
+            return f"{self.core.config.quotas[name]}\0".encode()
+        if len(args) == 2:
+            dom = self._existing(args[0])
+            name = quota.canonical_name(args[1].decode("latin-1"))
+            return f"{dom.quotas[name]}\0".encode()
+        raise XsError("EINVAL")
+
+    def set_quota(self, conn: Connection, msg: Message) -> bytes:
+        args = split_args(msg.payload)
+        if len(args) == 2:
+            target = self.core.config.quotas
+            name, raw = args
+        elif len(args) == 3:
+            target = self._existing(args[0]).quotas
+            name, raw = args[1], args[2]
+        else:
+            raise XsError("EINVAL")
+        value = atoi(raw)
+        if value < 0 or value >= 0xFFFFFFFF:
+            raise XsError("EINVAL")
+        target.set(name.decode("latin-1"), value)
+        return OK
+
+    # ------------------------------------------------------------------------- ring pumping
+    def _mark(self, dom: Domain) -> None:
+        if dom.domid not in self._dirty:
+            self._dirty[dom.domid] = dom
+            self.wakeup()
+
+    def flush(self) -> None:
+        """Pump every domain that has pending output (called by the edge after wakeups)."""
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for dom in dirty.values():
+                self.pump(dom)
+
+    def on_port_kicked(self, port: int) -> None:
+        dom = self.by_port.get(port)
+        if dom is not None:
+            self.pump(dom)
+
+    def wants_input(self, dom: Domain, conn: Connection) -> bool:
+        """Stop reading a domain that leaves its replies unread (back-pressure, not buffering)."""
+        if conn.privileged:
+            return conn.wants_input
+        q = dom.quotas
+        if quota.exceeds(q["outstanding"], conn.outstanding + 1):
+            return False
+        return not quota.exceeds(q["memory"], conn.out_bytes)
+
+    def pump(self, dom: Domain) -> None:
+        """Move bytes between a domain's ring and its connection, one request at a time."""
+        ring, conn = dom.ring, dom.conn
+        if ring is None or conn is None or dom.ignored or conn.closed:
+            return
+        notify = False
+        try:
+            if ring.connection == RECONNECT:
+                conn.reset()
+                ring.reset()
+                ring.connection = 0
+                notify = True
+            notify |= self._write(ring, conn)
+            parser = conn.parser
+            while self.wants_input(dom, conn):
+                data = ring.read(parser.needed())
+                if not data:
+                    break
+                notify = True
+                conn.feed(data)
+                if dom.ignored or conn.closed:
+                    return
+                self._write(ring, conn)
+        except RingError as e:
+            self._ignore(dom, f"ring index corrupt ({e.detail})")
+            notify = True
+        except ProtocolError as e:
+            ring.set_error(ERROR_PROTO)
+            self._ignore(dom, str(e))
+            notify = True
+        if notify and dom.local_port is not None:
+            self.hv.notify(dom.local_port)
+
+    @staticmethod
+    def _write(ring: Ring, conn: Connection) -> bool:
+        if not conn.has_output():
+            return False
+        n = ring.write(conn.peek_output(ring.writable))
+        if n:
+            conn.consume_output(n)
+        return bool(n)
+
+    def _ignore(self, dom: Domain, why: str) -> None:
+        """Stop talking to a misbehaving domain; its record stays until it really dies (XSA-325)."""
+        log.warning("dom%d: %s; ignoring it until it is re-introduced or dies", dom.domid, why)
+        dom.ignored = True
+        if dom.conn is not None:
+            dom.conn.reset()
+
+    # ------------------------------------------------------------------------- death
+    def on_dom_exc(self) -> None:
+        """VIRQ_DOM_EXC: find domains that shut down (report once) or died (clean up)."""
+        for dom in list(self.core.domains.values()):
+            if not dom.introduced or dom.domid == self.core.priv_domid:
+                continue
+            info = self.hv.domain_info(dom.domid)
+            if info is None or info.dying:
+                self.destroy(dom, "died" if info is None else "dying")
+            elif (info.shutdown or info.crashed) and not dom.shutdown_reported:
+                dom.shutdown_reported = True
+                log.info("dom%d %s", dom.domid, "crashed" if info.crashed else "shut down")
+                self.core.fire_special(RELEASE_DOMAIN, dom.domid)
+        # Records kept only for quotas/features of domains that no longer exist go too.
+        for domid in [d for d, dom in self.core.domains.items() if not dom.introduced]:
+            if domid != self.core.priv_domid and self.hv.domain_info(domid) is None:
+                del self.core.domains[domid]
+
+    def destroy(self, dom: Domain, why: str) -> None:
+        """Forget a domain: its connection, its nodes (events fire), permission entries naming it,
+        then ``@releaseDomain``.  A later domain reusing the id inherits nothing."""
+        core = self.core
+        log.info("dom%d %s: cleaning up", dom.domid, why)
+        conn = dom.conn
+        if conn is not None:
+            core.watches.remove_all(conn)
+            conn.close()
+        if dom.local_port is not None:
+            self.by_port.pop(dom.local_port, None)
+            self.hv.unbind(dom.local_port)
+        if dom.ring is not None:
+            dom.ring.release()
+            self.hv.unmap_ring(dom.domid)
+        self._dirty.pop(dom.domid, None)
+        dom.conn = dom.ring = None
+        dom.introduced = False
+        self.remove_domain_nodes(dom.domid)
+        core.domains.pop(dom.domid, None)
+        core.fire_special(RELEASE_DOMAIN, dom.domid)
+
+    def remove_domain_nodes(self, domid: int) -> None:
+        """Delete the nodes a dead domain owns (or give them to the privileged domain with
+        --keep-orphans) and strip entries naming it from everyone else's permissions."""
+        core = self.core
+        store = core.store
+        txn = Transaction(store, implicit=True)
+        priv = core.priv_domid
+        keep = core.config.keep_orphans
+        stack = [paths.ROOT]
+        while stack:
+            path = stack.pop()
+            node = store.get(path)
+            if node is None:
+                continue
+            if node.owner == domid and path != paths.ROOT:
+                if keep:
+                    txn.put(path, node.value, perms.with_owner(node.perms, priv), existed=True)
+                else:
+                    txn.remove_tree(path)
+                    continue
+            else:
+                stripped = perms.without_domain(node.perms, domid)
+                if stripped is not None:
+                    txn.put(path, node.value, stripped, existed=True)
+            stack.extend(paths.join(path, n) for n in store.child_names(path))
+        for name, sp in list(core.special_perms.items()):
+            stripped = perms.without_domain(sp, domid)
+            if stripped is not None:
+                core.special_perms[name] = stripped
+        core.commit(txn)
+
+
+__all__ = ["ERRORS", "Domain", "DomainManager"]

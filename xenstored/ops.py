@@ -25,6 +25,8 @@ from .wire import (
     Message,
     Op,
     XsError,
+    atoi,
+    parse_domid,
     single_arg,
     split_args,
 )
@@ -37,16 +39,6 @@ Handler = Callable[[Connection, Message, Transaction], bytes]
 
 
 # ----------------------------------------------------------------------------- arguments
-def parse_domid(raw: bytes) -> int:
-    """Strict decimal domain id (C-4.22): whole string, at most 65535."""
-    if not raw or not raw.isdigit() or len(raw) > 5:
-        raise XsError("EINVAL", "bad domain id")
-    domid = int(raw)
-    if domid > 0xFFFF:
-        raise XsError("EINVAL", "domain id out of range")
-    return domid
-
-
 def node_path(conn: Connection, raw: bytes) -> str:
     """Canonical node path from a request argument, with the unprivileged path-max rule."""
     path = paths.canonicalize(paths.decode(raw), conn.home)
@@ -172,25 +164,13 @@ def op_mkdir(conn: Connection, msg: Message, txn: Transaction) -> bytes:
 
 def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
-    node = get_node(conn, txn, path, WRITE)
+    get_node(conn, txn, path, WRITE)
     if path == paths.ROOT:
         raise XsError("EINVAL", "cannot remove /")
-    txn.note_change(path, exact=False, old=node.perms, new=None)
-    # Iterative pre-order walk (XSA-418: deep trees must not exhaust the stack).
-    stack = [(path, node)]
     domid = conn.domid
-    while stack:
-        p, n = stack.pop()
-        if p != path:
-            txn.note_change(p, exact=True, old=n.perms, new=None)
-        if n.owner == domid:
+    for removed in txn.remove_tree(path):
+        if removed.owner == domid:
             txn.owned_delta -= 1
-        for name in reversed(txn.children(p)):
-            cp = paths.join(p, name)
-            child = txn.get(cp)
-            if child is not None:
-                stack.append((cp, child))
-        txn.delete(p)
     return OK
 
 
@@ -209,7 +189,7 @@ def op_directory_part(conn: Connection, msg: Message, txn: Transaction) -> bytes
         raise XsError("EINVAL", "DIRECTORY_PART wants path and offset")
     path = node_path(conn, args[0])
     node = get_node(conn, txn, path, READ)
-    offset = _atoi(args[1])
+    offset = atoi(args[1])
     gen = node.gen if node.gen or not txn.writes else conn.core.store.gen + 1
     head = f"{gen}\0".encode()
     children = "".join(n + "\0" for n in txn.children(path)).encode("ascii")
@@ -227,22 +207,6 @@ def op_directory_part(conn: Connection, msg: Message, txn: Transaction) -> bytes
     if end >= len(children):
         chunk += b"\0"
     return head + chunk
-
-
-def _atoi(raw: bytes) -> int:
-    """C atoi: optional sign and leading digits, garbage ignored."""
-    s = raw.strip()
-    sign = 1
-    if s[:1] in (b"+", b"-"):
-        sign = -1 if s[:1] == b"-" else 1
-        s = s[1:]
-    digits = b""
-    for b in s:
-        if 48 <= b <= 57:
-            digits += bytes((b,))
-        else:
-            break
-    return sign * int(digits) if digits else 0
 
 
 def op_get_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
@@ -302,7 +266,7 @@ def op_watch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     args = split_args(msg.payload)
     depth: int | None = None
     if len(args) == 3 and conn.domain.features & FEATURE_WATCHDEPTH:
-        depth = _atoi(args[2])
+        depth = atoi(args[2])
         if depth < 0:
             raise XsError("EINVAL", "negative watch depth")
     elif len(args) != 2:

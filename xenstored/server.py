@@ -18,6 +18,7 @@ import trio
 
 from .connection import Connection
 from .core import Core
+from .domains import DomainManager
 from .wire import ProtocolError
 
 log = logging.getLogger("xenstored.server")
@@ -143,3 +144,23 @@ async def serve_socket(core: Core, path: str, *, task_status: trio.TaskStatus[No
                 await trio.sleep(0.1)
                 continue
             nursery.start_soon(serve_socket_client, core, stream)
+
+
+async def serve_domains(
+    manager: DomainManager, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Event channels in, ring output out.  Kicks pump their domain at once; output queued by
+    other clients' requests (watch events) is flushed in one pass per wakeup."""
+    waker = Waker()
+    manager.wakeup = waker.set
+
+    async def flusher() -> None:
+        while True:
+            await waker.wait()
+            manager.flush()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.hv.run, manager.on_port_kicked, manager.on_dom_exc)
+        nursery.start_soon(flusher)
+        manager.flush()
+        task_status.started()

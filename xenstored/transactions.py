@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .paths import ROOT, basename, parent
+from .paths import ROOT, basename, join, parent
 from .perms import Perms
 from .store import Node, Store
 
@@ -140,6 +140,27 @@ class Transaction:
     def delete(self, path: str) -> None:
         self.writes[path] = None
         self._link(path, False)
+
+    def remove_tree(self, top: str) -> list[Node]:
+        """Delete ``top`` and its subtree, iteratively (XSA-418), noting the watch events: the
+        top fires watches on it and its ancestors, each descendant only watches placed exactly on
+        it.  Returns the removed nodes (for node accounting)."""
+        top_node = self.get(top)
+        assert top_node is not None
+        self.note_change(top, exact=False, old=top_node.perms, new=None)
+        removed = []
+        stack = [top]
+        while stack:
+            p = stack.pop()
+            node = self.get(p)
+            if node is None:
+                continue
+            removed.append(node)
+            if p != top:
+                self.note_change(p, exact=True, old=node.perms, new=None)
+            stack.extend(join(p, n) for n in reversed(self.children(p)))
+            self.delete(p)
+        return removed
 
     def note_change(self, path: str, *, exact: bool, old: Perms | None, new: Perms | None) -> None:
         """Remember a change for watch events; a path changed twice fires once."""

@@ -143,6 +143,19 @@ class Parser:
         """Bytes of an incomplete message held back (for state dumps and memory accounting)."""
         return len(self._buf)
 
+    def needed(self) -> int:
+        """Bytes still missing to complete the next message (header first, then its payload).
+
+        A ring reader uses it to consume exactly one request at a time, so it can stop reading a
+        domain whose replies are not being collected without swallowing requests it will not
+        answer yet.
+        """
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return HEADER_SIZE - len(buf)
+        length = HEADER.unpack_from(buf, 0)[3]
+        return HEADER_SIZE + min(length, PAYLOAD_MAX + 1) - len(buf)
+
     def pending_bytes(self) -> bytes:
         return bytes(self._buf)
 
@@ -192,3 +205,27 @@ def single_arg(payload: bytes) -> bytes:
     if not payload or payload[-1] != 0 or payload.count(0) != 1:
         raise XsError("EINVAL", "expected exactly one NUL-terminated argument")
     return payload[:-1]
+
+
+def parse_domid(raw: bytes) -> int:
+    """Strict decimal domain id (C-4.22): the whole string, at most 65535, else EINVAL."""
+    if not raw or not raw.isdigit() or len(raw) > 5:
+        raise XsError("EINVAL", "bad domain id")
+    domid = int(raw)
+    if domid > 0xFFFF:
+        raise XsError("EINVAL", "domain id out of range")
+    return domid
+
+
+def atoi(raw: bytes) -> int:
+    """C's atoi, for the arguments upstream parses with it: leading digits, garbage ignored."""
+    s = raw.strip()
+    neg = s[:1] == b"-"
+    if s[:1] in (b"+", b"-"):
+        s = s[1:]
+    n = 0
+    for b in s:
+        if not 48 <= b <= 57:
+            break
+        n = n * 10 + b - 48
+    return -n if neg else n
