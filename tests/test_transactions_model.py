@@ -92,7 +92,9 @@ class Model:
             return "OK"
         if op == "rm":
             if not exists:
-                return "ENOENT"
+                parent = paths.parent(path)
+                reads.add(("v", parent))
+                return "OK" if parent in self.nodes else "ENOENT"
             doomed = [p for p in self.nodes if paths.is_descendant_or_self(p, path)]
             for p in doomed:
                 reads.add(("v", p))

@@ -164,7 +164,13 @@ def op_mkdir(conn: Connection, msg: Message, txn: Transaction) -> bytes:
 
 def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
-    get_node(conn, txn, path, WRITE)
+    try:
+        get_node(conn, txn, path, WRITE)
+    except XsError as e:
+        # C: removing what is already gone is fine, as long as the parent exists.
+        if e.name == "ENOENT" and txn.get(paths.parent(path)) is not None:
+            return OK
+        raise
     if path == paths.ROOT:
         raise XsError("EINVAL", "cannot remove /")
     domid = conn.domid
