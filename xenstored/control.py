@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import paths, quota
+from .store import node_bytes
 from .wire import XsError
 
 if TYPE_CHECKING:
@@ -71,16 +72,20 @@ def _check(conn: Connection, args: list[str]) -> bytes:
         raise XsError("EINVAL")
     store = conn.core.store
     counts: dict[int, int] = {}
+    sizes: dict[int, int] = {}
     for path in store.walk():
         node = store.get(path)
         assert node is not None
         counts[node.owner] = counts.get(node.owner, 0) + 1
+        sizes[node.owner] = sizes.get(node.owner, 0) + node_bytes(path, node)
         if path != paths.ROOT and store.get(paths.parent(path)) is None:
             log.error("check: %s has no parent", path)
-    if counts != store.owned:
+    if counts != store.owned or sizes != store.owned_bytes:
         log.warning("check: node accounting repaired (%s -> %s)", store.owned, counts)
         store.owned.clear()
         store.owned.update(counts)
+        store.owned_bytes.clear()
+        store.owned_bytes.update(sizes)
     return OK
 
 

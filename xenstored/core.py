@@ -79,8 +79,12 @@ class Core:
             "watches": self.watches.count_of(conn) if conn else 0,
             "transactions": len(conn.transactions) if conn else 0,
             "outstanding": conn.outstanding if conn else 0,
-            "memory": conn.out_bytes if conn else 0,
+            "memory": self.memory_usage(conn) if conn else self.store.owned_bytes.get(dom.domid, 0),
         }
+
+    def memory_usage(self, conn: Connection) -> int:
+        """Bytes a domain holds in the daemon: its nodes, its watches and its queued output."""
+        return self.store.owned_bytes.get(conn.domid, 0) + self.watches.bytes.get(conn, 0) + conn.out_bytes
 
     def is_privileged(self, domid: int) -> bool:
         return domid == self.priv_domid

@@ -16,7 +16,7 @@ from . import paths, perms, quota
 from .connection import Connection
 from .control import control
 from .perms import READ, WRITE, Perms
-from .store import Node
+from .store import NODE_OVERHEAD, Node
 from .transactions import Conflict, Transaction
 from .wire import (
     DOMID_SELF,
@@ -52,6 +52,19 @@ def _check_path_max(conn: Connection, path: str) -> None:
     limit = conn.domain.quotas["path-max"]
     if quota.exceeds(limit, paths.effective_length(path)):
         raise XsError("EINVAL", "path too long")
+
+
+def check_memory(conn: Connection, extra: int, what: str) -> None:
+    """Hard memory quota (refuse) and soft quota (warn) for an unprivileged domain growing by
+    ``extra`` bytes."""
+    if conn.privileged:
+        return
+    q = conn.domain.quotas
+    usage = conn.core.memory_usage(conn) + extra
+    if quota.exceeds(q["memory"], usage):
+        raise _refuse(conn, "memory", q["memory"], usage, what)
+    if quota.exceeds(q["soft-memory"], usage):
+        conn.core.refusals.warn_soft(conn.domid, q["soft-memory"], usage)
 
 
 def _refuse(conn: Connection, name: str, limit: int, value: int, what: str = "") -> XsError:
@@ -120,6 +133,7 @@ def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> 
         count = conn.core.store.owned.get(conn.domid, 0) + txn.owned_delta + len(missing)
         if quota.exceeds(limit, count):
             raise _refuse(conn, "nodes", limit, count, path)
+        check_memory(conn, sum(NODE_OVERHEAD + len(p) for p in missing) + len(value), path)
         txn.owned_delta += len(missing)
     for p in reversed(missing):
         txn.put(p, value if p == path else b"", new_perms, existed=False)
@@ -146,6 +160,8 @@ def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     if not can(conn, node.perms, WRITE):
         raise XsError("EACCES")
     _check_node_size(conn, value, node.perms)
+    if len(value) > len(node.value):
+        check_memory(conn, len(value) - len(node.value), path)
     txn.put(path, value, node.perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=node.perms)
     return OK
@@ -287,6 +303,7 @@ def op_watch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
         count = conn.core.watches.count_of(conn) + 1
         if quota.exceeds(limit, count):
             raise _refuse(conn, "watches", limit, count, raw)
+        check_memory(conn, len(raw) + len(token) + 2, raw)
     from .watches import Watch
 
     relative = not raw.startswith("/") and not raw.startswith("@")

@@ -101,6 +101,16 @@ class RefusalLog:
         self.count = 0
         self.suppressed = 0
 
+    def warn_soft(self, domid: int, limit: int, value: int) -> None:
+        """Soft memory quota: a warning only, rate-limited like refusals."""
+        now = self._clock()  # type: ignore[operator]
+        key = (domid, "soft-memory")
+        last = self._last.get(key)
+        if last is not None and now - last < LOG_INTERVAL:
+            return
+        self._last[key] = now
+        log.warning("quota: domain %d exceeds soft memory quota (limit %d, uses %d)", domid, limit, value)
+
     def refuse(self, domid: int, name: str, limit: int, value: int, what: str = "") -> None:
         self.count += 1
         now = self._clock()  # type: ignore[operator]

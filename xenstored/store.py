@@ -56,6 +56,13 @@ class Node:
 
 Version = tuple[int, "Node | None"]
 
+NODE_OVERHEAD = 16  # per-node header, as C-4.19+ counts it
+
+
+def node_bytes(path: str, node: Node) -> int:
+    """What a node costs its owner against the memory quota."""
+    return NODE_OVERHEAD + len(path) + len(node.value) + 8 * len(node.perms)
+
 _HI = "\x01"  # upper bound of a child-key range: just above the NUL separator
 
 
@@ -75,8 +82,11 @@ class Store:
         self._garbage: deque[tuple[int, str]] = deque()
         # Live nodes per owner domain: the nodes quota, kept exact at every commit.
         self.owned: dict[int, int] = {}
+        # Approximate bytes of those nodes (path, value, permissions): the memory quota's share.
+        self.owned_bytes: dict[int, int] = {}
         self._versions[ROOT] = Node(b"", owner_only(0), 0, 0)
         self.owned[0] = 1
+        self.owned_bytes[0] = node_bytes(ROOT, self._versions[ROOT])  # type: ignore[arg-type]
 
     # ----------------------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -209,6 +219,7 @@ class Store:
         old: dict[str, Node | None] = {}
         touched_parents: set[str] = set()
         owned = self.owned
+        owned_bytes = self.owned_bytes
         get = self.get
         for path, new in writes.items():
             cur = get(path)
@@ -220,8 +231,10 @@ class Store:
                 n = owned[o] - 1
                 if n:
                     owned[o] = n
+                    owned_bytes[o] -= node_bytes(path, cur)
                 else:
                     del owned[o]
+                    owned_bytes.pop(o, None)
             if new is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))
@@ -229,6 +242,7 @@ class Store:
                 continue
             o = new.owner
             owned[o] = owned.get(o, 0) + 1
+            owned_bytes[o] = owned_bytes.get(o, 0) + node_bytes(path, new)
             if cur is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))

@@ -28,11 +28,17 @@ class Watch:
     def key(self) -> tuple[str, str]:
         return (self.cpath, self.token)
 
+    @property
+    def size(self) -> int:
+        return len(self.path) + len(self.token) + 2
+
 
 class WatchRegistry:
     def __init__(self) -> None:
         self._by_path: dict[str, list[Watch]] = {}
         self._by_owner: dict[Hashable, dict[tuple[str, str], Watch]] = {}
+        # Bytes of path and token per owner: their share of the memory quota.
+        self.bytes: dict[Hashable, int] = {}
         self.count = 0
 
     def add(self, watch: Watch) -> None:
@@ -41,6 +47,7 @@ class WatchRegistry:
             raise XsError("EEXIST", "duplicate watch")
         mine[watch.key] = watch
         self._by_path.setdefault(watch.cpath, []).append(watch)
+        self.bytes[watch.owner] = self.bytes.get(watch.owner, 0) + watch.size
         self.count += 1
 
     def remove(self, owner: Hashable, cpath: str, token: str) -> Watch:
@@ -52,6 +59,11 @@ class WatchRegistry:
         return watch
 
     def _unindex(self, watch: Watch) -> None:
+        left = self.bytes.get(watch.owner, 0) - watch.size
+        if left > 0:
+            self.bytes[watch.owner] = left
+        else:
+            self.bytes.pop(watch.owner, None)
         lst = self._by_path[watch.cpath]
         lst.remove(watch)
         if not lst:
