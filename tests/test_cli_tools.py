@@ -163,10 +163,6 @@ def test_rm(daemon, xs) -> None:
     assert "could not remove path /nope/zz" in proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: RM of a missing node whose parent exists must reply OK (C do_rm), not ENOENT",
-)
 def test_rm_missing_child_of_existing_parent_succeeds(daemon, xs) -> None:
     xs.write("/r/c", "2")
     assert run(daemon, "xenstore-rm", "/r/zz", check=False).returncode == 0

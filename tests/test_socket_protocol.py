@@ -296,10 +296,6 @@ def test_killed_client_process_mid_message(daemon, raw) -> None:
     assert raw().call(Op.DIRECTORY, b"/\0").payload == b"tool\0victim\0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug: RM of a missing node whose parent exists must reply OK\\0 (C do_rm), not ENOENT",
-)
 def test_rm_missing_child_of_existing_parent_is_ok(raw) -> None:
     c = raw()
     assert c.call(Op.WRITE, b"/par\0").payload == b"OK\0"
