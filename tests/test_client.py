@@ -381,3 +381,45 @@ def test_sync_client_uses_xenstored_path(daemon, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("XENSTORED_PATH", daemon.socket)
     with SyncClient() as c:
         assert c.read("/tool/xenstored") == b""
+
+
+async def test_shared_token_routes_by_path(client: Client) -> None:
+    async with client.watch("/sa", "same") as ea, client.watch("/sb", "same") as eb:
+        assert await ea.get() == ("/sa", "same")
+        assert await eb.get() == ("/sb", "same")
+        await client.write("/sa/x", "1")
+        await client.write("/sb/y", "1")
+        assert await ea.get() == ("/sa/x", "same")
+        assert await eb.get() == ("/sb/y", "same")
+        assert ea.get_nowait() is None and eb.get_nowait() is None
+
+
+async def test_consumer_task_and_writer_task_share_a_connection(client: Client) -> None:
+    seen: list[str] = []
+
+    async def consume(events) -> None:
+        async for path, _token in events:
+            seen.append(path)
+            if path == "/cw/last":
+                return
+
+    async with client.watch("/cw") as events, trio.open_nursery() as nursery:
+        nursery.start_soon(consume, events)
+        for i in range(20):
+            await client.write(f"/cw/{i}", "x")
+        await client.write("/cw/last", "x")
+    assert seen == ["/cw"] + [f"/cw/{i}" for i in range(20)] + ["/cw/last"]
+
+
+async def test_cancelled_transaction_body_aborts(daemon, client: Client) -> None:
+    tx_id = 0
+    with trio.move_on_after(0.05):
+        async with client.transaction() as t:
+            tx_id = t.tx_id
+            await t.write("/cx", "1")
+            await trio.sleep(10)
+    assert tx_id != 0
+    assert not await client.exists("/cx")
+    with pytest.raises(XsError) as e:  # aborted on the daemon side, not just forgotten locally
+        await client.request(Op.READ, b"/tool\0", tx_id=tx_id)
+    assert e.value.name == "ENOENT"
