@@ -21,6 +21,9 @@ class Config:
     output_pause_bytes: int = 1 << 20
     output_limit_bytes: int = 16 << 20
     watch_event_timeout: float = 20.0
+    # Seconds between looks at every ring whether kicked or not (0 = never): guards against lost
+    # notifications.  Emulated event channels can drop kicks when their queue overflows.
+    ring_scan_interval: float = 0.2
     keep_orphans: bool = False
     emulate: bool | None = None
     fakexen_dir: str | None = None

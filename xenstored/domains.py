@@ -260,6 +260,12 @@ class DomainManager:
             for dom in dirty.values():
                 self.pump(dom)
 
+    def scan(self) -> None:
+        """Look at every ring, kicked or not: the safety net for lost notifications (an emulated
+        event channel is a datagram socket whose queue can overflow; O scans rings likewise)."""
+        for dom in list(self.by_port.values()):
+            self.pump(dom)
+
     def on_port_kicked(self, port: int) -> None:
         dom = self.by_port.get(port)
         if dom is not None:

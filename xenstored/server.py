@@ -159,8 +159,16 @@ async def serve_domains(
             await waker.wait()
             manager.flush()
 
+    async def scanner(interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            manager.scan()
+
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.hv.run, manager.on_port_kicked, manager.on_dom_exc)
         nursery.start_soon(flusher)
+        interval = manager.core.config.ring_scan_interval
+        if interval > 0:
+            nursery.start_soon(scanner, interval)
         manager.flush()
         task_status.started()
