@@ -21,7 +21,7 @@ def main() -> int:
 
         def backend_state() -> str:
             while True:
-                path, token = g.wait_event(timeout=30.0)
+                g.wait_event(timeout=30.0)
                 state = g.read(f"{backend}/state").decode()
                 if not seen or seen[-1] != state:
                     seen.append(state)
