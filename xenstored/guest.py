@@ -145,11 +145,20 @@ class Guest:
 
     def kick(self) -> None:
         try:
-            self._kick.sendto(self._kick_msg, self._daemon)
-        except (BlockingIOError, FileNotFoundError, ConnectionRefusedError):
-            # Queue full: the daemon has unread kicks and will look at the ring anyway.  Missing:
-            # no daemon yet; it reads the ring when it introduces us.
-            pass
+            self._kick.sendto(self._kick_msg, socket.MSG_DONTWAIT, self._daemon)
+        except BlockingIOError:
+            # The daemon's queue is full (Linux allows only net.unix.max_dgram_qlen, often 10,
+            # datagrams), and not necessarily with kicks of *our* port: dropping this one could
+            # strand our request.  Wait for room instead, bounded so a hung daemon cannot hang us.
+            try:
+                self._kick.settimeout(min(self.timeout, 1.0))
+                self._kick.sendto(self._kick_msg, self._daemon)
+            except OSError:
+                pass
+            finally:
+                self._kick.setblocking(False)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass  # no daemon (yet): it reads the ring when it introduces us
 
     def _wait(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()

@@ -1,0 +1,271 @@
+"""The real-Xen backend: Linux's /dev/xen devices plus libxenctrl for domain state.
+
+Deliberately thin and dependency-free (ioctl and ctypes, no compiled extension), because all the
+logic lives in the core and is exercised by the emulated backend.  Every ABI number comes from
+:mod:`.xen_abi`, which is tested against Xen's headers.
+
+* event channels: ``/dev/xen/evtchn`` ioctls; pending ports are read as u32s and unmasked by
+  writing them back after the callbacks ran;
+* guest pages: grant reference 1 (GNTTAB_RESERVED_XENSTORE) through ``/dev/xen/gntdev``, mmap'ed
+  at the offset the MAP_GRANT_REF ioctl returns (the gfn is ignored, as by C xenstored);
+* the store domain's own page: ``/proc/xen/xsd_kva`` and ``/proc/xen/xsd_port``;
+* domain state: ``xc_domain_getinfolist`` from libxenctrl, loaded on first use.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import inspect
+import mmap
+import os
+
+import trio
+
+from ..wire import ERRORS, XsError
+from . import xen_abi as abi
+from .base import SHUTDOWN_CRASH, DomainInfo, DomExcCallback, Hypervisor, PortCallback
+
+PAGE_SIZE = 4096
+
+
+def _xs_error(e: OSError, what: str) -> XsError:
+    """An errno as the XenStore error a client can understand (C replies with the errno name)."""
+    name = errno.errorcode.get(e.errno or 0, "EINVAL")
+    return XsError(name if name in ERRORS else "EINVAL", f"{what}: {e.strerror}")
+
+
+def domain_info_from_flags(domid: int, flags: int) -> DomainInfo:
+    """Decode xen_domctl_getdomaininfo.flags the way xc_domain_getinfo does."""
+    shutdown = bool(flags & abi.XEN_DOMINF_shutdown)
+    reason = (flags >> abi.XEN_DOMINF_shutdownshift) & abi.XEN_DOMINF_shutdownmask if shutdown else 0
+    return DomainInfo(
+        domid=domid,
+        shutdown=shutdown,
+        crashed=shutdown and reason == SHUTDOWN_CRASH,
+        dying=bool(flags & abi.XEN_DOMINF_dying),
+        shutdown_reason=reason,
+    )
+
+
+class _XenCtrl:
+    """Lazy ctypes binding of the two libxenctrl calls we need."""
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("xenctrl") or "libxenctrl.so"
+        lib = ctypes.CDLL(name, use_errno=True)
+        lib.xc_interface_open.restype = ctypes.c_void_p
+        lib.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        lib.xc_interface_close.argtypes = [ctypes.c_void_p]
+        lib.xc_domain_getinfolist.restype = ctypes.c_int
+        lib.xc_domain_getinfolist.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_uint32,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+        ]
+        handle = lib.xc_interface_open(None, None, 0)
+        if not handle:
+            raise OSError(ctypes.get_errno(), "xc_interface_open failed")
+        self._lib = lib
+        self._xch = handle
+        # One record at a time into a generous buffer: the record size differs between Xen
+        # versions, but its head (domain, flags) does not.
+        self._buf = ctypes.create_string_buffer(4096)
+
+    def next_domain(self, first: int) -> tuple[int, int] | None:
+        """(domid, flags) of the first existing domain >= first, or None."""
+        n = self._lib.xc_domain_getinfolist(self._xch, first, 1, self._buf)
+        if n < 0:
+            raise OSError(ctypes.get_errno(), "xc_domain_getinfolist failed")
+        if n == 0:
+            return None
+        domid, _pad, flags = abi.DOMAININFO_HEAD.unpack_from(self._buf.raw)
+        return domid, flags
+
+    def close(self) -> None:
+        if self._xch:
+            self._lib.xc_interface_close(self._xch)
+            self._xch = None
+
+
+class XenHypervisor(Hypervisor):
+    emulated = False
+
+    def __init__(
+        self, evtchn_device: str = abi.EVTCHN_DEVICE, gntdev_device: str = abi.GNTDEV_DEVICE
+    ) -> None:
+        self._fd = os.open(evtchn_device, os.O_RDWR | os.O_CLOEXEC)
+        os.set_blocking(self._fd, False)
+        self._gntdev_path = gntdev_device
+        self._gntdev: int | None = None
+        self._xc: _XenCtrl | None = None
+        self._maps: dict[int, tuple[mmap.mmap, memoryview, int | None]] = {}
+        self.virq_port = self._ioctl(abi.IOCTL_EVTCHN_BIND_VIRQ, abi.EVTCHN_BIND_VIRQ.pack(abi.VIRQ_DOM_EXC))
+
+    def _ioctl(self, request: int, arg: bytes) -> int:
+        buf = bytearray(arg)
+        return fcntl.ioctl(self._fd, request, buf, True)
+
+    # -- domains -------------------------------------------------------------------------------
+
+    @property
+    def xc(self) -> _XenCtrl:
+        if self._xc is None:
+            self._xc = _XenCtrl()
+        return self._xc
+
+    def domain_info(self, domid: int) -> DomainInfo | None:
+        found = self.xc.next_domain(domid)
+        if found is None or found[0] != domid:
+            return None
+        return domain_info_from_flags(*found)
+
+    def domains(self) -> list[DomainInfo]:
+        out: list[DomainInfo] = []
+        first = 0
+        while first < abi.DOMID_FIRST_RESERVED:
+            found = self.xc.next_domain(first)
+            if found is None:
+                break
+            out.append(domain_info_from_flags(*found))
+            first = found[0] + 1
+        return out
+
+    # -- rings ---------------------------------------------------------------------------------
+
+    def _gntdev_fd(self) -> int:
+        if self._gntdev is None:
+            self._gntdev = os.open(self._gntdev_path, os.O_RDWR | os.O_CLOEXEC)
+        return self._gntdev
+
+    def map_ring(self, domid: int, gfn: int) -> memoryview:
+        self.unmap_ring(domid)
+        try:
+            fd = self._gntdev_fd()
+            req = bytearray(abi.GNTDEV_MAP_GRANT_REF.pack(1, 0, 0, domid, abi.GNTTAB_RESERVED_XENSTORE))
+            fcntl.ioctl(fd, abi.IOCTL_GNTDEV_MAP_GRANT_REF, req, True)
+            _count, _pad, index, _d, _r = abi.GNTDEV_MAP_GRANT_REF.unpack(req)
+            try:
+                m = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=index)
+            except OSError:
+                self._unmap_grant(index)
+                raise
+        except OSError as e:
+            raise XsError("EINVAL", f"map xenstore page of dom{domid}: {e}") from e
+        view = memoryview(m)
+        self._maps[domid] = (m, view, index)
+        return view
+
+    def _unmap_grant(self, index: int) -> None:
+        if self._gntdev is None:
+            return
+        req = bytearray(abi.GNTDEV_UNMAP_GRANT_REF.pack(index, 1, 0))
+        try:
+            fcntl.ioctl(self._gntdev, abi.IOCTL_GNTDEV_UNMAP_GRANT_REF, req, True)
+        except OSError:
+            pass  # still mmap'ed by a lingering view; the driver frees it on munmap/close
+
+    def unmap_ring(self, domid: int) -> None:
+        entry = self._maps.pop(domid, None)
+        if entry is None:
+            return
+        m, view, index = entry
+        view.release()
+        try:
+            m.close()
+        except BufferError:
+            return  # a Ring still holds the page; it is unmapped when that view goes away
+        if index is not None:
+            self._unmap_grant(index)
+
+    def dom0_ring(self) -> tuple[memoryview, int] | None:
+        try:
+            with open(abi.XSD_PORT) as f:
+                port = int(f.read().strip(), 0)
+            fd = os.open(abi.XSD_KVA, os.O_RDWR | os.O_CLOEXEC)
+        except (OSError, ValueError):
+            return None
+        try:
+            m = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        view = memoryview(m)
+        self.unmap_ring(0)
+        self._maps[0] = (m, view, None)
+        return view, port
+
+    # -- event channels ------------------------------------------------------------------------
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        try:
+            return self._ioctl(
+                abi.IOCTL_EVTCHN_BIND_INTERDOMAIN, abi.EVTCHN_BIND_INTERDOMAIN.pack(domid, remote_port)
+            )
+        except OSError as e:
+            raise _xs_error(e, f"bind event channel dom{domid}:{remote_port}") from e
+
+    def unbind(self, local_port: int) -> None:
+        try:
+            self._ioctl(abi.IOCTL_EVTCHN_UNBIND, abi.EVTCHN_UNBIND.pack(local_port))
+        except OSError:
+            pass  # already gone; cleanup must not fail
+
+    def notify(self, local_port: int) -> None:
+        try:
+            self._ioctl(abi.IOCTL_EVTCHN_NOTIFY, abi.EVTCHN_NOTIFY.pack(local_port))
+        except OSError:
+            pass  # the peer is gone; its cleanup arrives through VIRQ_DOM_EXC
+
+    async def run(
+        self,
+        on_port_kicked: PortCallback,
+        on_dom_exc: DomExcCallback,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                data = os.read(self._fd, 4 * 256)
+            except (BlockingIOError, InterruptedError):
+                continue
+            ports = array.array("I")
+            ports.frombytes(data[: len(data) - len(data) % 4])
+            try:
+                virq = False
+                for port in dict.fromkeys(ports):
+                    if port == self.virq_port:
+                        virq = True
+                    else:
+                        on_port_kicked(port)
+                if virq:
+                    res = on_dom_exc()
+                    if inspect.isawaitable(res):
+                        await res
+            finally:
+                if ports:
+                    try:
+                        os.write(self._fd, ports.tobytes())  # unmask what we handled
+                    except OSError:
+                        pass
+            await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        for domid in list(self._maps):
+            self.unmap_ring(domid)
+        if self._gntdev is not None:
+            os.close(self._gntdev)
+            self._gntdev = None
+        if self._xc is not None:
+            self._xc.close()
+            self._xc = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
