@@ -170,6 +170,16 @@ class Connection:
                 self._out_off += n
                 n = 0
 
+    def partial_output(self) -> int:
+        """Bytes left of a message the edge has started writing (0 if none): a state dump must
+        not let the next process resend its header."""
+        return len(self._out[0]) - self._out_off if self._out and self._out_off else 0
+
+    def queue_raw(self, data: bytes) -> None:
+        """Put already framed output back (state restore)."""
+        if data:
+            self._queue(data)
+
     def take_output(self) -> bytes:
         data = self.peek_output()
         self.consume_output(len(data))

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .core import Core
     from .hypervisor import Hypervisor
+    from .migration import RingData
 
 log = logging.getLogger("xenstored.domains")
 
@@ -106,6 +107,25 @@ class DomainManager:
             ring.connection = 0
         self.hv.notify(local)
         self._mark(dom)
+
+    def restore_ring(self, r: RingData, *, target: int | None, rebind: bool) -> Connection | None:
+        """Re-attach a ring connection from a state stream, keeping the ring's indexes so traffic
+        in flight carries on.  ``rebind``: the event channel must be bound again (a restart, or
+        an emulated channel); after a live update on real Xen the inherited binding stays."""
+        if self.hv.domain_info(r.domid) is None:
+            log.info("dom%d from the saved state no longer exists", r.domid)
+            return None
+        dom = self.core.domain(r.domid)
+        view = self.hv.map_ring(r.domid, r.gfn)
+        ring = Ring(view)
+        local = self.hv.bind_interdomain(r.domid, r.remote_port) if rebind else r.local_port
+        conn = self.core.new_connection(r.domid, socket=False)
+        conn.wakeup = lambda: self._mark(dom)
+        dom.conn, dom.ring, dom.port, dom.local_port, dom.gfn = conn, ring, r.remote_port, local, r.gfn
+        dom.introduced, dom.ignored, dom.shutdown_reported, dom.target = True, r.ignored, r.shutdown_reported, target
+        self.by_port[local] = dom
+        self._mark(dom)
+        return conn
 
     def introduce(self, conn: Connection, msg: Message) -> bytes:
         args = split_args(msg.payload)
