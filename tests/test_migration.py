@@ -71,7 +71,7 @@ def test_records_are_8_byte_aligned_and_header_as_upstream():
     assert struct.unpack(">I", data[8:12])[0] == 2
     pos = 16
     while pos < len(data):
-        rtype, length = struct.unpack_from("<II", data, pos)
+        _rtype, length = struct.unpack_from("<II", data, pos)
         assert length % 8 == 0
         pos += 8 + length
     assert pos == len(data)
