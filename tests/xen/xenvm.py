@@ -1,0 +1,529 @@
+#!/usr/bin/env python3
+"""Boot real Xen 4.17 under QEMU TCG and check our daemon as dom0's system XenStore.
+
+    python3 tests/xen/xenvm.py [--guests pv,pvh] [--daemon ours|c] [--timeout 300]
+
+First use fetches Debian packages (``apt-get download`` + ``dpkg-deb -x``) into
+``$XS_XENVM_CACHE`` (default ``~/.cache/xenstored-xenvm``) and installs ``qemu-system-x86`` with
+``apt-get install`` if it is missing.  Each run builds a dom0 initramfs (busybox, Xen tools and
+their libraries, the Xen kernel modules, ``dom0-init.sh``) and a guest initramfs (busybox,
+xenstore-* tools, ``guest-init.sh``) in a temporary directory and boots
+``qemu-system-x86_64 -accel tcg -smp 1`` under a hard timeout.  dom0 mounts the host's root
+read-only over 9p and runs ``python3 -m xenstored -N`` from this checkout chrooted there, so the
+host's interpreter and packages run unchanged.
+
+Everything dom0 learns is printed on the serial console as ``XSVM ...`` lines; this script
+timestamps each console line on arrival, prints one line per stage, a one-line verdict, and on
+failure the console excerpts (Xen, dom0, the daemon's log, guest consoles) needed to diagnose it.
+Exit status 0 on PASS, 1 on FAIL, 2 when the environment cannot run it at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import io
+import lzma
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+XEN_VERSION = "4.17"
+
+# Everything comes from Debian's package registry; the kernel is resolved from linux-image-amd64.
+PACKAGES = [
+    f"xen-hypervisor-{XEN_VERSION}-amd64",
+    f"xen-utils-{XEN_VERSION}",
+    "xenstore-utils",
+    "busybox-static",
+    f"libxenmisc{XEN_VERSION}",
+    "libxencall1",
+    "libxendevicemodel1",
+    "libxenevtchn1",
+    "libxenforeignmemory1",
+    "libxengnttab1",
+    "libxenhypfs1",
+    "libxenstore4",
+    "libxentoolcore1",
+    "libxentoollog1",
+    "libyajl2",
+]
+XEN_BIN = f"/usr/lib/xen-{XEN_VERSION}/bin"
+DOM0_TOOLS = [
+    f"{XEN_BIN}/xl",
+    f"{XEN_BIN}/xen-init-dom0",
+    f"{XEN_BIN}/xenstored",
+    f"{XEN_BIN}/xenconsoled",
+]
+XENSTORE_TOOLS = ["xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-list", "xenstore-rm",
+                  "xenstore-exists", "xenstore-watch", "xenstore-chmod"]
+MODULES = ["xen-evtchn", "xen-gntdev", "xen-privcmd", "xenfs", "9p", "9pnet_virtio", "virtio_pci"]
+LIBDIRS = ["usr/lib/x86_64-linux-gnu", f"usr/lib/xen-{XEN_VERSION}/lib/x86_64-linux-gnu"]
+
+DEFAULT_CACHE = Path(os.environ.get("XS_XENVM_CACHE") or Path.home() / ".cache" / "xenstored-xenvm")
+
+
+class EnvError(Exception):
+    """The machine cannot run the check (no apt, no network, not root...)."""
+
+
+def log(msg: str) -> None:
+    print(f"xenvm: {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- fetching
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def ensure_qemu() -> str:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu:
+        return qemu
+    if os.geteuid() != 0:
+        raise EnvError("qemu-system-x86_64 missing: run `sudo apt-get install -y qemu-system-x86`")
+    log("installing qemu-system-x86 with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"]
+    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        _run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        _run(cmd, env=env, stdout=subprocess.DEVNULL)
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        raise EnvError("qemu-system-x86_64 still missing after apt-get install")
+    return qemu
+
+
+def _kernel_package() -> str:
+    out = _run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True).stdout
+    m = re.search(r"Depends: (linux-image-\S+-amd64)", out)
+    if not m:
+        raise EnvError("cannot resolve linux-image-amd64 with apt-cache")
+    return m.group(1)
+
+
+def fetch(cache: Path) -> Path:
+    """Download and unpack the Debian packages once; returns the unpacked root."""
+    root = cache / "root"
+    if (root / ".complete").exists():
+        return root
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise EnvError("needs Debian's apt-get and dpkg-deb")
+    debs = cache / "debs"
+    shutil.rmtree(root, ignore_errors=True)
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        pkgs = [_kernel_package(), *PACKAGES]
+    except subprocess.CalledProcessError:
+        pkgs = []
+    log(f"downloading {len(pkgs) or '?'} Debian packages into {debs}")
+    try:
+        if not pkgs:
+            raise subprocess.CalledProcessError(1, "apt-cache")
+        _run(["apt-get", "download", "-q", *pkgs], cwd=debs, stdout=subprocess.DEVNULL)
+    except subprocess.CalledProcessError:
+        if os.geteuid() != 0:
+            raise EnvError("apt-get download failed (try `sudo apt-get update` first)") from None
+        _run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL)
+        pkgs = [_kernel_package(), *PACKAGES]
+        _run(["apt-get", "download", "-q", *pkgs], cwd=debs, stdout=subprocess.DEVNULL)
+    for deb in sorted(debs.glob("*.deb")):
+        _run(["dpkg-deb", "-x", str(deb), str(root)])
+    # An uncompressed guest kernel: libxc's xz decompression costs 8-10 s under TCG.
+    vmlinuz = next((root / "boot").glob("vmlinuz-*"))
+    (root / "boot" / "vmlinux-guest").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
+    xen_gz = root / "boot" / f"xen-{XEN_VERSION}-amd64.gz"
+    (root / "boot" / "xen").write_bytes(gzip.decompress(xen_gz.read_bytes()))
+    (root / ".complete").write_text("\n".join(sorted(p.name for p in debs.glob("*.deb"))) + "\n")
+    shutil.rmtree(debs)
+    return root
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    setup_sects = (bzimage[0x1F1] or 4) + 1
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    payload = bzimage[setup_sects * 512 + offset:][:length]
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+    if payload.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
+    raise EnvError(f"unknown bzImage payload compression {payload[:6]!r}")
+
+
+# ----------------------------------------------------------------------------- initramfs
+class Cpio:
+    """A newc cpio archive writer (what the kernel's initramfs unpacker reads); no cpio needed."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+        self.names: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        name = name.lstrip("/")
+        if name in self.names:
+            return
+        parent = os.path.dirname(name)
+        if parent and parent not in self.names:
+            self.dir(parent)
+        self.names.add(name)
+        nb = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{v:08X}" for v in (
+            self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nb), 0))
+        self.ino += 1
+        w = self.buf.write
+        w(hdr.encode() + nb)
+        w(b"\0" * (-(110 + len(nb)) % 4))
+        w(data)
+        w(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, data)
+
+    def copy(self, name: str, src: Path | str) -> None:
+        st = os.stat(src)
+        self.file(name, Path(src).read_bytes(), st.st_mode & 0o777)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def shared_libs(root: Path, binaries: list[Path]) -> dict[str, Path]:
+    """soname -> file for everything the binaries load, preferring the unpacked packages, plus
+    libgcc_s.so.1 (dlopen'ed by glibc for pthread_cancel: xl and xenstore-watch abort without)."""
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(str(root / d) for d in LIBDIRS))
+    libs: dict[str, Path] = {}
+    for b in binaries:
+        out = _run(["ldd", str(b)], capture_output=True, env=env).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*(\S+) => (/\S+)", line)
+            if m:
+                libs[m.group(1)] = Path(m.group(2))
+            m = re.match(r"\s*(/\S*ld-linux\S*) \(", line)
+            if m:
+                libs["ld-linux"] = Path(m.group(1))
+    for cand in ("/lib/x86_64-linux-gnu/libgcc_s.so.1", "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1"):
+        if os.path.exists(cand):
+            libs["libgcc_s.so.1"] = Path(cand)
+            break
+    return libs
+
+
+def add_binaries(cpio: Cpio, root: Path, files: list[str]) -> None:
+    paths = [root / f.lstrip("/") for f in files]
+    for f, p in zip(files, paths):
+        cpio.copy(f, p)
+    for soname, src in shared_libs(root, paths).items():
+        if soname == "ld-linux":
+            cpio.copy("/lib64/ld-linux-x86-64.so.2", src)
+        else:
+            cpio.copy(f"/lib/x86_64-linux-gnu/{soname}", src)
+
+
+def base_layout(cpio: Cpio, root: Path, init: Path) -> None:
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "tmp", "var",
+              "root", "lib/x86_64-linux-gnu", "lib64"):
+        cpio.dir(d)
+    cpio.symlink("usr/lib/x86_64-linux-gnu", "../../lib/x86_64-linux-gnu")
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3)
+    cpio.copy("bin/busybox", root / "bin/busybox")
+    cpio.file("init", init.read_bytes(), 0o755)
+
+
+def modinfo_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` field of a kernel module's .modinfo section (ELF64 little-endian)."""
+    shoff, = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _t, _f, _a, off, size = struct.unpack_from("<IIQQQQ", ko, shoff + i * shentsize)
+        return name, off, size
+
+    _, stroff, _ = section(shstrndx)
+    for i in range(shnum):
+        name, off, size = section(i)
+        if ko[stroff + name:].split(b"\0", 1)[0] == b".modinfo":
+            for field_ in ko[off:off + size].split(b"\0"):
+                if field_.startswith(b"depends="):
+                    return [d for d in field_[8:].decode().split(",") if d]
+    return []
+
+
+def module_load_order(root: Path, wanted: list[str]) -> list[Path]:
+    moddir = next((root / "lib" / "modules").iterdir())
+    index = {p.name[:-3].replace("-", "_"): p for p in moddir.rglob("*.ko")}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        seen.add(key)
+        if key not in index:  # built into the kernel
+            return
+        for dep in modinfo_depends(index[key].read_bytes()):
+            visit(dep)
+        order.append(index[key])
+
+    for w in wanted:
+        visit(w)
+    return order
+
+
+def build_guest_initramfs(root: Path) -> bytes:
+    cpio = Cpio()
+    base_layout(cpio, root, HERE / "guest-init.sh")
+    add_binaries(cpio, root, [f"/usr/bin/{t}" for t in XENSTORE_TOOLS])
+    return cpio.finish()
+
+
+def build_dom0_initramfs(root: Path, conf: dict[str, str], guests: list[str]) -> bytes:
+    cpio = Cpio()
+    base_layout(cpio, root, HERE / "dom0-init.sh")
+    add_binaries(cpio, root, DOM0_TOOLS + [f"/usr/bin/{t}" for t in XENSTORE_TOOLS])
+    mods = module_load_order(root, MODULES)
+    for m in mods:
+        cpio.copy(f"lib/modules/{m.name}", m)
+    cpio.file("lib/modules/load.list", "".join(f"{m.name}\n" for m in mods).encode())
+    conf = dict(conf, XSVM_GUESTS=" ".join(guests))
+    cpio.file("etc/xsvm.conf", "".join(f"{k}='{v}'\n" for k, v in conf.items()).encode())
+    cpio.file("guest.cpio", build_guest_initramfs(root))
+    return cpio.finish()
+
+
+def precompile() -> None:
+    """Byte-compile what dom0 imports: the share is read-only, and compiling there is slow."""
+    dirs = [str(REPO / "xenstored")]
+    for mod in ("trio", "sortedcontainers", "outcome", "sniffio", "attr", "attrs", "idna"):
+        spec = importlib.util.find_spec(mod)
+        if spec and spec.submodule_search_locations:
+            dirs.extend(spec.submodule_search_locations)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], stdout=subprocess.DEVNULL)
+
+
+# ----------------------------------------------------------------------------- booting
+@dataclass
+class Line:
+    t: float
+    text: str
+
+
+@dataclass
+class Result:
+    lines: list[Line] = field(default_factory=list)
+    exit_code: int | None = None
+    timed_out: bool = False
+    elapsed: float = 0.0
+
+
+def boot(qemu: str, root: Path, dom0_cpio: Path, timeout: float, console_log: Path,
+         echo: bool = False) -> Result:
+    xen = root / "boot" / "xen"
+    vmlinuz = next((root / "boot").glob("vmlinuz-*"))
+    xen_args = ("console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 "
+                "loglvl=all guest_loglvl=all smap=0")
+    cmd = [
+        "timeout", "-k", "5", str(int(timeout) + 10),
+        qemu, "-machine", "pc", "-accel", "tcg", "-cpu", "max,smap=off", "-m", "2048", "-smp", "1",
+        "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+        "-net", "none",
+        "-virtfs", "local,path=/,mount_tag=host,security_model=none,multidevs=remap,readonly=on",
+        "-kernel", str(xen), "-append", xen_args,
+        "-initrd", f"{vmlinuz} console=hvc0 earlyprintk=xen rdinit=/init loglevel=4,{dom0_cpio}",
+    ]
+    res = Result()
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    done = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        with open(console_log, "w") as out:
+            for raw in proc.stdout:
+                t = time.monotonic() - start
+                text = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
+                res.lines.append(Line(t, text))
+                out.write(f"[{t:7.2f}] {text}\n")
+                if echo:
+                    print(f"[{t:7.2f}] {text}", flush=True)
+        done.set()
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        while not done.wait(0.5):
+            if any(ln.text.startswith("XSVM VERDICT") for ln in res.lines[-5:]):
+                # dom0 powers off right after; give it a moment, then stop waiting for it.
+                done.wait(20)
+                break
+            if time.monotonic() - start > timeout:
+                res.timed_out = True
+                break
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        res.exit_code = proc.wait()
+        th.join(5)
+    res.elapsed = time.monotonic() - start
+    return res
+
+
+# ----------------------------------------------------------------------------- reporting
+MILESTONES = [
+    ("xen", re.compile(r"\(XEN\) Xen version")),
+    ("dom0-kernel", re.compile(r"Linux version \d")),
+    ("dom0-init", re.compile(r"^XSVM INIT dom0")),
+]
+STAGE_RE = re.compile(r"^XSVM STAGE (\S+) (ok|FAIL) ?(.*?) t=([\d.]+)$")
+VERDICT_RE = re.compile(r"^XSVM VERDICT (PASS|FAIL) ?(.*?) t=([\d.]+)$")
+
+
+def report(res: Result, console_log: Path, guests: list[str], daemon: str) -> tuple[bool, str]:
+    rows: list[tuple[str, float, str, str]] = []
+    for name, rx in MILESTONES:
+        ln = next((ln for ln in res.lines if rx.search(ln.text)), None)
+        if ln:
+            rows.append((name, ln.t, "ok", ""))
+    stages: dict[str, tuple[str, str]] = {}
+    verdict = None
+    for ln in res.lines:
+        m = STAGE_RE.match(ln.text)
+        if m:
+            rows.append((m.group(1), ln.t, m.group(2), m.group(3)))
+            stages[m.group(1)] = (m.group(2), m.group(3))
+        m = VERDICT_RE.match(ln.text)
+        if m:
+            verdict = (m.group(1), m.group(2), ln.t)
+    prev = 0.0
+    for name, t, status, detail in rows:
+        print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
+        prev = t
+    expected = ["xenstored", "xen-init-dom0"] + [f"{g}-{s}" for g in guests
+                                                  for s in ("guest-up", "watch-roundtrip", "destroy")]
+    missing = [s for s in expected if s not in stages]
+    startup = stages.get("xenstored", ("", ""))[1]
+    if verdict and verdict[0] == "PASS" and not missing:
+        line = (f"XENVM PASS: daemon={daemon} guests={','.join(guests)} in {res.elapsed:.1f}s "
+                f"(verdict at {verdict[2]:.1f}s; {startup})")
+        return True, line
+    if verdict:
+        why = verdict[1] or f"missing stages {missing}"
+    elif res.timed_out:
+        why = f"no verdict within {res.elapsed:.0f}s (timeout); last stage: {rows[-1][0] if rows else 'none'}"
+    else:
+        why = f"QEMU exited ({res.exit_code}) without a verdict; last stage: {rows[-1][0] if rows else 'none'}"
+    print_excerpts(res)
+    return False, f"XENVM FAIL: daemon={daemon} guests={','.join(guests)}: {why} (console: {console_log})"
+
+
+def print_excerpts(res: Result) -> None:
+    texts = [ln.text for ln in res.lines]
+    dumps: list[str] = []
+    inside = False
+    plain: list[str] = []
+    for t in texts:
+        if t.startswith("XSVM-DUMP-BEGIN"):
+            inside = True
+        if inside:
+            dumps.append(t)
+        elif not t.startswith("(XEN)"):
+            plain.append(t)
+        if t.startswith("XSVM-DUMP-END"):
+            inside = False
+    xen = [t for t in texts if t.startswith("(XEN)")]
+    print("xenvm: ---- Xen console (last 40 lines) ----")
+    print("\n".join(xen[-40:]))
+    print("xenvm: ---- dom0 console (last 60 lines) ----")
+    print("\n".join(plain[-60:]))
+    if dumps:
+        print("xenvm: ---- logs dumped by dom0 (xenstored, xl, guest consoles, dmesg) ----")
+        print("\n".join(dumps[-400:]))
+    print("xenvm: ---- end of excerpts ----", flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Path = DEFAULT_CACHE,
+        keep: bool = False, echo: bool = False) -> tuple[bool, str]:
+    t0 = time.monotonic()
+    qemu = ensure_qemu()
+    root = fetch(cache)
+    precompile()
+    conf = {
+        "XSVM_DAEMON": daemon,
+        "XSVM_PYTHON": sys.executable,
+        "XSVM_PYTHONPATH": str(REPO),
+        "XSVM_LIBDIR": ":".join(str(root / d) for d in LIBDIRS),
+        "XSVM_GUEST_KERNEL": f"/host{root / 'boot' / 'vmlinux-guest'}",
+    }
+    work = Path(tempfile.mkdtemp(prefix="xenvm-"))
+    try:
+        dom0 = work / "dom0.cpio"
+        dom0.write_bytes(build_dom0_initramfs(root, conf, guests))
+        log(f"images built in {time.monotonic() - t0:.1f}s "
+            f"(dom0 initramfs {dom0.stat().st_size >> 20} MiB); booting, timeout {timeout:.0f}s")
+        console_log = work / "console.log"
+        res = boot(qemu, root, dom0, timeout, console_log, echo)
+        ok, line = report(res, console_log, guests, daemon)
+        if not ok or keep:
+            keep_dir = cache / "last-failure" if not ok else cache / "last-run"
+            shutil.rmtree(keep_dir, ignore_errors=True)
+            keep_dir.mkdir(parents=True)
+            shutil.copy(console_log, keep_dir / "console.log")
+            line = line.replace(str(console_log), str(keep_dir / "console.log"))
+        return ok, line
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--guests", default="pv,pvh", help="comma-separated: pv, pvh (default both)")
+    p.add_argument("--daemon", choices=["ours", "c"], default="ours",
+                   help="ours (python3 -m xenstored) or c (Debian's xenstored, as a control)")
+    p.add_argument("--timeout", type=float, default=float(os.environ.get("XS_XENVM_TIMEOUT", 300)))
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--keep", action="store_true", help="keep the console log of a passing run too")
+    p.add_argument("--echo", action="store_true", help="print the console as it arrives")
+    a = p.parse_args(argv)
+    guests = [g for g in a.guests.split(",") if g]
+    if any(g not in ("pv", "pvh") for g in guests):
+        p.error("guests are pv and/or pvh")
+    try:
+        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo)
+    except EnvError as e:
+        print(f"XENVM SKIP: {e}", flush=True)
+        return 2
+    print(line, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
