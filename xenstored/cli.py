@@ -11,15 +11,11 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 
 import trio
 
-from . import hypervisor
 from .config import Config
-from .core import Core
-from .domains import DomainManager
-from .server import serve_domains, serve_socket
+from .service import Service
 
 log = logging.getLogger("xenstored")
 
@@ -49,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rundir", help="run directory (default $XENSTORED_RUNDIR or /run/xenstored)")
     p.add_argument("--emulate", action="store_true", default=None, help="emulated hypervisor")
     p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    p.add_argument("-U", "--live-update", action="store_true", help="(internal) restore after live update")
+    p.add_argument("--persistent", action="store_true", default=None, help="keep the store across restarts")
+    p.add_argument("--persistent-file", help="where --persistent keeps it")
     return p
 
 
@@ -75,6 +74,11 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     cfg.trace_file = args.trace_file
     cfg.pid_file = args.pid_file
     cfg.log_level = args.log_level or ("debug" if args.verbose else "info")
+    cfg.live_update = args.live_update
+    if args.persistent:
+        cfg.persistent = True
+    if args.persistent_file:
+        cfg.persistent_file = os.path.abspath(args.persistent_file)
     q = cfg.quotas
     for opt, name in (
         ("entry_nb", "nodes"),
@@ -107,33 +111,6 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     return cfg, args
 
 
-async def run(cfg: Config, ready: Callable[[], None] | None = None) -> None:
-    """Serve until cancelled or SIGTERM/SIGINT."""
-    core = Core(cfg)
-    hv = hypervisor.choose(cfg.emulate, cfg.rundir)
-    manager = DomainManager(core, hv)
-    if cfg.domain_init and not manager.introduce_dom0():
-        log.info("no ring page for the store domain; serving the socket only")
-    if hv.emulated:
-        log.info("emulated hypervisor in %s", getattr(hv, "dir", "?"))
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_domains, manager)
-            await nursery.start(serve_socket, core, cfg.socket)
-            log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
-            if ready is not None:
-                ready()
-            async for signum in signals:
-                log.info("signal %d: shutting down", signum)
-                nursery.cancel_scope.cancel()
-                break
-    hv.close()
-    try:
-        os.unlink(cfg.socket)
-    except OSError:
-        pass
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -155,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_fork:
         if cfg.pid_file:
             _write_pid_file(cfg.pid_file)
-        trio.run(run, cfg)
+        service = Service(cfg, argv)
+        service.restore(cfg.live_update)
+        trio.run(service.run)
         return 0
-    return _daemonize(cfg)
+    return _daemonize(cfg, argv)
 
 
-def _daemonize(cfg: Config) -> int:
+def _daemonize(cfg: Config, argv: list[str] | None) -> int:
     """Double fork; the original process exits 0 once the daemon is ready, 1 if it died."""
     rfd, wfd = os.pipe()
     if os.fork():
@@ -184,7 +163,9 @@ def _daemonize(cfg: Config) -> int:
         os.close(devnull)
 
     try:
-        trio.run(run, cfg, ready)
+        service = Service(cfg, argv)
+        service.restore(cfg.live_update)
+        trio.run(service.run, ready)
     finally:
         os._exit(0)
 

@@ -32,6 +32,11 @@ class Config:
     trace_file: str | None = None
     pid_file: str | None = None
     persistent: bool = False
+    persistent_file: str | None = None  # default <rundir>/xenstored.state
+    # Seconds between snapshots while running (0: only at a clean stop).  A kill -9 loses at most
+    # the changes of this window; a clean stop loses nothing.
+    persistent_interval: float = 5.0
+    live_update: bool = False  # -U: restore from <rundir>/state_dump
 
     @property
     def socket(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -197,6 +198,7 @@ class Connection:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         self._next_tx = (tx_id + 1) & 0xFFFFFFFF
         txn = Transaction(self.core.store, tx_id)
+        txn.started = time.monotonic()
         self.transactions[tx_id] = txn
         return txn
 

@@ -117,6 +117,10 @@ def _quota(conn: Connection, args: list[str]) -> bytes:
     raise XsError("EINVAL")
 
 
+# Handled by the service (it replaces the process); listed here for help.
+COMMANDS["live-update"] = (lambda conn, args: b"OK\0", "[-c <cmdline>] [-F] [-t <timeout>] <file> | -a")
+
+
 @command("quota-soft", "[set <name> <val>]")
 def _quota_soft(conn: Connection, args: list[str]) -> bytes:
     core = conn.core

@@ -41,6 +41,10 @@ class Core:
         # Hooks the domain layer installs (hypervisor access); None when only sockets are served.
         self.hypervisor = None
         self.domain_ops = None
+        # Set by the service (process-level features the sans-I/O core cannot do itself).
+        self.socket_fds: dict[int, int] = {}
+        self.live_update = None
+        self.reopen_logs = None
         self._initial_tree(owner)
 
     def _initial_tree(self, owner: Perms) -> None:

@@ -35,7 +35,7 @@ log = logging.getLogger("xenstored.ops")
 
 OK = b"OK\0"
 
-Handler = Callable[[Connection, Message, Transaction], bytes]
+Handler = Callable[[Connection, Message, Transaction], "bytes | None"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -385,8 +385,14 @@ def op_get_domain_path(conn: Connection, msg: Message, txn: Transaction) -> byte
     return f"{paths.home_of(domid)}\0".encode()
 
 
-def op_control(conn: Connection, msg: Message, txn: Transaction) -> bytes:
-    return control(conn, split_args(msg.payload))
+def op_control(conn: Connection, msg: Message, txn: Transaction) -> bytes | None:
+    args = split_args(msg.payload)
+    if args and args[0] == b"live-update":
+        handler = conn.core.live_update
+        if handler is None:
+            return b"live-update is not available in this process\0"
+        return handler(conn, msg, [a.decode("utf-8", "replace") for a in args[1:]])
+    return control(conn, args)
 
 
 def _domain_op(name: str) -> Handler:
@@ -488,7 +494,7 @@ def dispatch(conn: Connection, msg: Message) -> None:
             txn.close()
         conn.error(msg, "EIO")
         return
-    if msg.type != Op.WATCH:
+    if payload is not None and msg.type != Op.WATCH:
         conn.reply(msg, payload)
 
 

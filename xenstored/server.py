@@ -76,6 +76,7 @@ def make_listening_socket(path: str, backlog: int = 128) -> trio.socket.SocketTy
 
 async def serve_socket_client(core: Core, stream: trio.SocketStream) -> None:
     conn = core.new_connection(socket=True)
+    core.socket_fds[conn.id] = stream.socket.fileno()
     await run_stream_connection(conn, stream)
 
 
@@ -121,6 +122,7 @@ async def run_stream_connection(conn: Connection, stream: trio.abc.Stream) -> No
         pass
     finally:
         conn.close()
+        conn.core.socket_fds.pop(conn.id, None)
         with trio.CancelScope(shield=True):
             await stream.aclose()
         log.debug("%s: closed", conn.label)
@@ -130,10 +132,18 @@ class _Done(Exception):
     """The connection ends (EOF, protocol error, or it was doomed)."""
 
 
-async def serve_socket(core: Core, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    sock = make_listening_socket(path)
+async def serve_socket(
+    core: Core, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Bind ``path`` and serve it (tests and simple embedding)."""
+    await serve_listener(core, make_listening_socket(path), task_status=task_status)
+
+
+async def serve_listener(
+    core: Core, sock: trio.socket.SocketType, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     listener = trio.SocketListener(sock)
-    log.info("listening on %s", path)
+    log.info("listening on fd %d", sock.fileno())
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:

@@ -53,6 +53,7 @@ class Transaction:
         "reads",
         "removed",
         "snap",
+        "started",
         "store",
         "tx_id",
         "writes",
@@ -74,6 +75,7 @@ class Transaction:
         self.closed = False
         # Net nodes this transaction creates for its connection's domain (nodes quota).
         self.owned_delta = 0
+        self.started = 0.0  # monotonic time a client opened it (live update refuses old ones)
 
     # --------------------------------------------------------------------------- reading
     def _base(self, path: str) -> Node | None:

@@ -150,6 +150,21 @@ class EmulatedHypervisor(Hypervisor):
     def domains(self) -> list[DomainInfo]:
         return [self._info(d, f) for d, f in sorted(self._flags.items()) if f & _EXISTS]
 
+    def export_state(self) -> bytes:
+        """The domain table, for a state stream: the emulated hypervisor must outlive a daemon
+        process across live update and restart, as the real one does."""
+        entries = sorted(self._flags.items())
+        return "".join(f"{d} {f} {self._reason.get(d, 0)}\n" for d, f in entries).encode("ascii")
+
+    def import_state(self, data: bytes) -> None:
+        for line in data.decode("ascii", "replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and all(p.isdigit() for p in parts):
+                d, f, r = (int(p) for p in parts)
+                self._flags[d] = f
+                if r:
+                    self._reason[d] = r
+
     # Direct table manipulation, for in-process tests and embedding (no VIRQ raised).
     def create_domain(self, domid: int) -> None:
         self._flags[domid] = _EXISTS

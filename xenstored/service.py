@@ -1,0 +1,281 @@
+"""The running daemon: wiring core, hypervisor and listeners, plus what needs a process around it:
+restoring state at start (live update, persistence), live update itself, periodic and final
+persistence snapshots, and signals.
+
+Live update follows cxenstored: the old process writes the state stream to
+``<rundir>/state_dump``, marks the listening socket and every client socket inheritable and execs
+the new binary with ``-U``; the new process restores the store, reattaches the sockets it
+inherited and the rings it maps again, and the requester finds ``OK`` waiting in its output.  No
+client sees its connection close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import socket as pysocket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+
+from . import hypervisor, migration
+from .config import Config
+from .connection import Connection
+from .core import Core
+from .domains import DomainManager
+from .server import make_listening_socket, run_stream_connection, serve_domains, serve_listener
+from .wire import Message, Op, encode
+
+log = logging.getLogger("xenstored")
+
+STATE_DUMP = "state_dump"
+
+
+@dataclass
+class LiveUpdate:
+    conn: Connection
+    binary: str = ""
+    cmdline: str | None = None
+
+
+def _text(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+class Service:
+    def __init__(self, cfg: Config, argv: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.argv = list(sys.argv[1:] if argv is None else argv)
+        self.core = Core(cfg)
+        self.hv = hypervisor.choose(cfg.emulate, cfg.rundir)
+        self.manager = DomainManager(self.core, self.hv)
+        self.core.live_update = self.live_update_command
+        self.lu: LiveUpdate | None = None
+        self._listen_fd = -1
+        self._restored_sockets: list[tuple[int, int]] = []
+        self._nursery: trio.Nursery | None = None
+        self._persisted_gen = -1
+
+    # ------------------------------------------------------------------------- start
+    @property
+    def persistent_file(self) -> str:
+        return self.cfg.persistent_file or os.path.join(self.cfg.rundir, "xenstored.state")
+
+    def restore(self, live_update: bool) -> None:
+        """Load the state a live update or a clean stop left, if any."""
+        if live_update:
+            path = os.path.join(self.cfg.rundir, STATE_DUMP)
+        elif self.cfg.persistent and os.path.exists(self.persistent_file):
+            path = self.persistent_file
+        else:
+            if self.cfg.domain_init and not self.manager.introduce_dom0():
+                log.info("no ring page for the store domain; serving the socket only")
+            return
+        start = time.perf_counter()
+        with open(path, "rb") as f:
+            state = migration.decode(f.read())
+        importer = getattr(self.hv, "import_state", None)
+        if state.hv_state and importer is not None:
+            importer(state.hv_state)
+        migration.restore_tree(self.core, state)
+        self._restored_sockets = migration.restore_connections(self.core, state, rebind=True)
+        if live_update:
+            self._listen_fd = state.globals.socket_fd
+            os.unlink(path)
+        log.info(
+            "restored %d nodes, %d connections, %d watches from %s in %.3f s",
+            len(state.nodes),
+            len(state.connections),
+            len(state.watches),
+            path,
+            time.perf_counter() - start,
+        )
+
+    # ------------------------------------------------------------------------- main loop
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        cfg = self.cfg
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(serve_domains, self.manager)
+                if self._listen_fd >= 0:
+                    sock = trio.socket.from_stdlib_socket(pysocket.socket(fileno=self._listen_fd))
+                else:
+                    sock = make_listening_socket(cfg.socket)
+                self._listen_fd = sock.fileno()
+                await nursery.start(serve_listener, self.core, sock)
+                for conn_id, fd in self._restored_sockets:
+                    conn = self.core.connections[conn_id]
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(pysocket.socket(fileno=fd)))
+                    self.core.socket_fds[conn_id] = fd
+                    nursery.start_soon(run_stream_connection, conn, stream)
+                if cfg.persistent and cfg.persistent_interval > 0:
+                    nursery.start_soon(self._persist_loop)
+                log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
+                if ready is not None:
+                    ready()
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reopening logs")
+                        reopen = self.core.reopen_logs
+                        if reopen is not None:
+                            reopen()
+                        continue
+                    log.info("signal %d: shutting down", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+        if cfg.persistent:
+            self.save(self.persistent_file)
+        self.hv.close()
+        try:
+            os.unlink(cfg.socket)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------------- persistence
+    def save(self, path: str) -> None:
+        """Write the state atomically: temp file, fsync, rename, so a crash leaves the old or
+        the new state, never a torn one.  Socket clients are not part of it (they reconnect)."""
+        state = migration.dump_core(self.core)
+        _atomic_write(path, migration.encode(state))
+        self._persisted_gen = self.core.store.gen
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await trio.sleep(self.cfg.persistent_interval)
+            if self.core.store.gen == self._persisted_gen:
+                continue
+            state = migration.dump_core(self.core)
+            gen = self.core.store.gen
+            try:
+                await trio.to_thread.run_sync(_atomic_write, self.persistent_file, migration.encode(state))
+            except OSError as e:
+                log.error("persistence: cannot write %s: %s (state kept in memory)", self.persistent_file, e)
+                continue
+            self._persisted_gen = gen
+
+    # ------------------------------------------------------------------------- live update
+    def live_update_command(self, conn: Connection, msg: Message, args: list[str]) -> bytes | None:
+        """``live-update -f FILE | -c CMDLINE | -s [-F] [-t SECS] [-v N] | -a`` (as cxenstored).
+
+        Returns the reply, or None when the reply is withheld: it comes from the new process."""
+        if not args:
+            return _text("live-update: missing parameters")
+        lu = self.lu
+        if args[0] == "-a":
+            self.lu = None
+            return b"OK\0"
+        if args[0] == "-f":
+            if lu is not None and lu.conn is not conn:
+                return _text("live-update session already active.")
+            if len(args) != 2:
+                return _text("live-update -f needs a file name")
+            if not (os.path.isfile(args[1]) and os.access(args[1], os.X_OK)):
+                return _text(f"live-update: {args[1]} is not an executable file")
+            self.lu = lu = lu or LiveUpdate(conn)
+            lu.binary = args[1]
+            return b"OK\0"
+        if args[0] == "-c":
+            if lu is None or lu.conn is not conn:
+                return _text("Not in live-update session.")
+            lu.cmdline = " ".join(args[1:])
+            return b"OK\0"
+        if args[0] == "-s":
+            if lu is None or lu.conn is not conn or not lu.binary:
+                return _text("Not in live-update session.")
+            force, timeout = False, 60.0
+            rest = args[1:]
+            while rest:
+                a = rest.pop(0)
+                if a == "-F":
+                    force = True
+                elif a == "-t" and rest:
+                    timeout = float(rest.pop(0) or 0)
+                elif a == "-v" and rest:
+                    rest.pop(0)
+                else:
+                    return _text(f"live-update: unknown option {a}")
+            # As cxenstored: transactions older than the timeout block the update (unless -F);
+            # younger ones make it wait (BUSY: xenstore-control asks again every second).
+            now = time.monotonic()
+            ages = [
+                (c, tx, now - t.started) for c in self.core.connections.values() for tx, t in c.transactions.items()
+            ]
+            old = [a for a in ages if a[2] >= timeout]
+            if old and not force:
+                self.lu = None
+                listing = "".join(f"{c.label} transaction {tx} open for {age:.0f} s\n" for c, tx, age in old[:20])
+                return _text(f"Timeout reached, transactions still open:\n{listing}")
+            if len(old) < len(ages):
+                return b"BUSY\0"
+            assert self._nursery is not None
+            self._nursery.start_soon(self._exec, lu, msg)
+            return None
+        return _text(f"live-update: unknown option {args[0]}")
+
+    async def _exec(self, lu: LiveUpdate, msg: Message) -> None:
+        await trio.lowlevel.checkpoint()  # let the current batch of requests finish
+        core = self.core
+        start = time.perf_counter()
+        sockets = {cid: fd for cid, fd in core.socket_fds.items() if cid in core.connections}
+        state = migration.dump_core(core, sockets, listen_fd=self._listen_fd)
+        ok = encode(Op.CONTROL, msg.req_id, msg.tx_id, b"OK\0")
+        for c in state.connections:
+            if c.conn_id == lu.conn.id:
+                c.out_data += ok
+        path = os.path.join(self.cfg.rundir, STATE_DUMP)
+        _atomic_write(path, migration.encode(state), sync=False)
+        argv = shlex.split(lu.cmdline) if lu.cmdline is not None else list(self.argv)
+        if "-U" not in argv and "--live-update" not in argv:
+            argv.append("-U")
+        if "-N" not in argv and "--no-fork" not in argv:
+            argv.insert(0, "-N")
+        fds = [self._listen_fd, *sockets.values()]
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        log.warning(
+            "live update: exec %s %s (%d nodes, %d connections, state written in %.3f s)",
+            lu.binary,
+            " ".join(argv),
+            len(state.nodes),
+            len(state.connections),
+            time.perf_counter() - start,
+        )
+        for h in logging.getLogger().handlers:
+            h.flush()
+        try:
+            os.execv(lu.binary, [lu.binary, *argv])
+        except OSError as e:
+            for fd in fds:
+                os.set_inheritable(fd, False)
+            self.lu = None
+            log.error("live update: exec failed: %s", e)
+            lu.conn.reply(msg, _text(f"live-update: exec of {lu.binary} failed: {e}"))
+
+
+def _atomic_write(path: str, chunks: Iterable[bytes], sync: bool = True) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(chunks)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if sync:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
