@@ -77,9 +77,10 @@ def _wait_accepting(path: str, proc: subprocess.Popen[bytes], log_path: str) -> 
         time.sleep(0.01)
 
 
-def start_daemon(*extra_args: str) -> Daemon:
-    """Start a daemon in a fresh short rundir (AF_UNIX paths are limited to ~108 bytes)."""
-    rundir = tempfile.mkdtemp(prefix="xs", dir="/tmp")
+def start_daemon(*extra_args: str, rundir: str | None = None) -> Daemon:
+    """Start a daemon in a fresh short rundir (AF_UNIX paths are limited to ~108 bytes), or in
+    ``rundir`` to find what a previous daemon left there."""
+    rundir = rundir or tempfile.mkdtemp(prefix="xs", dir="/tmp")
     sock = os.path.join(rundir, "socket")
     log_path = os.path.join(rundir, "daemon.log")
     env = _clean_env()

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-U", "--live-update", action="store_true", help="(internal) restore after live update")
     p.add_argument("--persistent", action="store_true", default=None, help="keep the store across restarts")
     p.add_argument("--persistent-file", help="where --persistent keeps it")
+    p.add_argument("--persistent-interval", type=float, help="seconds between snapshots (0: at stop only)")
     return p
 
 
@@ -77,6 +78,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     cfg.live_update = args.live_update
     if args.persistent:
         cfg.persistent = True
+    if args.persistent_interval is not None:
+        cfg.persistent_interval = args.persistent_interval
     if args.persistent_file:
         cfg.persistent_file = os.path.abspath(args.persistent_file)
     q = cfg.quotas

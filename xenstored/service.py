@@ -78,7 +78,11 @@ class Service:
             return
         start = time.perf_counter()
         with open(path, "rb") as f:
-            state = migration.decode(f.read())
+            try:
+                state = migration.decode(f.read())
+            except migration.StreamError as e:
+                # Refuse rather than start empty: silently dropping the store would be worse.
+                raise SystemExit(f"xenstored: cannot restore {path}: {e}; move it away to start afresh") from None
         importer = getattr(self.hv, "import_state", None)
         if state.hv_state and importer is not None:
             importer(state.hv_state)
@@ -130,7 +134,11 @@ class Service:
                     nursery.cancel_scope.cancel()
                     break
         if cfg.persistent:
-            self.save(self.persistent_file)
+            try:
+                self.save(self.persistent_file)
+                log.info("state saved to %s", self.persistent_file)
+            except OSError as e:
+                log.error("persistence: cannot write %s at stop: %s", self.persistent_file, e)
         self.hv.close()
         try:
             os.unlink(cfg.socket)
