@@ -51,6 +51,22 @@ def domain_info_from_flags(domid: int, flags: int) -> DomainInfo:
     )
 
 
+def _mmap_page(fd: int) -> memoryview:
+    """mmap one shared page of ``fd`` with libc's mmap.
+
+    Python's mmap.mmap refuses /proc/xen/xsd_kva ("mmap length is greater than file size"): the
+    file is regular and reports size 0, yet the kernel maps the store page from it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    addr = libc.mmap(None, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return memoryview((ctypes.c_char * PAGE_SIZE).from_address(addr)).cast("B")
+
+
 class _XenCtrl:
     """Lazy ctypes binding of the two libxenctrl calls we need."""
 
@@ -190,14 +206,13 @@ class XenHypervisor(Hypervisor):
         except (OSError, ValueError):
             return None
         try:
-            m = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            view = _mmap_page(fd)
         except OSError:
             return None
         finally:
             os.close(fd)
-        view = memoryview(m)
-        self.unmap_ring(0)
-        self._maps[0] = (m, view, None)
+        # Never unmapped: the page lives as long as the daemon (C xenstored does the same), and
+        # munmap under a live Ring view would be a use-after-free.
         return view, port
 
     # -- event channels ------------------------------------------------------------------------
