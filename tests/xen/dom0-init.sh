@@ -37,6 +37,7 @@ finish() {
         dmesg | tail -n 30 > /tmp/dmesg.tail; dump dom0-dmesg /tmp/dmesg.tail
     else
         mark "VERDICT PASS"
+        [ -n "$XSVM_VERBOSE" ] && dump xenstored /run/xenstored.log 200
     fi
     [ -n "$XSVM_SHELL" ] && sh
     sync
@@ -66,16 +67,22 @@ ok modules "xsd_port=$(cat /proc/xen/xsd_port)"
 # guest kernel is read from the package cache
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,ro host /host \
     || { fail share "mount 9p"; finish; }
-for d in dev proc sys run tmp; do mount --bind "/$d" "/host/$d" || fail share "bind /$d"; done
+for d in dev proc sys run tmp; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
 ok share ""
 : > /etc/xen/xl.conf
+
+host_python() {  # the host's interpreter and this checkout, chrooted into the read-only share
+    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" \
+        PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
+}
+if [ -n "$XSVM_PROBE" ]; then  # --probe FILE: a diagnostic script, run before the daemon starts
+    echo "XSVM-DUMP-BEGIN probe"; host_python "$XSVM_PROBE" 2>&1; echo "XSVM-DUMP-END probe"
+fi
 
 # --- the system XenStore
 t0=$(now)
 if [ "$XSVM_DAEMON" = ours ]; then
-    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" \
-        PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" \
-        "$XSVM_PYTHON" -m xenstored -N -V > /run/xenstored.log 2>&1 &
+    host_python -m xenstored -N -V > /run/xenstored.log 2>&1 &
 else
     xenstored -N -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 fi
@@ -101,6 +108,9 @@ else
 fi
 timeout 10 xenstore-ls -f > /tmp/ls0 2>&1 && ok xenstore-ls "$(wc -l < /tmp/ls0) nodes" \
     || { cat /tmp/ls0; fail xenstore-ls "exit"; }
+# dom0's own kernel ring (/proc/xen/xsd_kva): /dev/xen/xenbus in dom0 goes through it.
+n=$(XENSTORED_PATH=/dev/xen/xenbus timeout 10 xenstore-read /local/domain/0/name 2>&1)
+if [ "$n" = Domain-0 ]; then ok dom0-xenbus "kernel ring read name=$n"; else fail dom0-xenbus "$n"; fi
 
 # xenconsoled logs every guest's console to /var/log/xen/guest-<name>.log (dumped on failure).
 xenconsoled --log=guest --log-dir=/var/log/xen > /tmp/xenconsoled.log 2>&1 &

@@ -426,7 +426,7 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str) -> tu
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
         prev = t
-    expected = ["xenstored", "xen-init-dom0"] + [f"{g}-{s}" for g in guests
+    expected = ["xenstored", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
                                                   for s in ("guest-up", "watch-roundtrip", "destroy")]
     missing = [s for s in expected if s not in stages]
     startup = stages.get("xenstored", ("", ""))[1]
@@ -471,7 +471,7 @@ def print_excerpts(res: Result) -> None:
 
 # ----------------------------------------------------------------------------- main
 def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Path = DEFAULT_CACHE,
-        keep: bool = False, echo: bool = False) -> tuple[bool, str]:
+        keep: bool = False, echo: bool = False, probe: str | None = None) -> tuple[bool, str]:
     t0 = time.monotonic()
     qemu = ensure_qemu()
     root = fetch(cache)
@@ -482,6 +482,8 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_PYTHONPATH": str(REPO),
         "XSVM_LIBDIR": ":".join(str(root / d) for d in LIBDIRS),
         "XSVM_GUEST_KERNEL": f"/host{root / 'boot' / 'vmlinux-guest'}",
+        "XSVM_VERBOSE": "1" if keep else "",
+        "XSVM_PROBE": str(Path(probe).resolve()) if probe else "",
     }
     work = Path(tempfile.mkdtemp(prefix="xenvm-"))
     try:
@@ -510,14 +512,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="ours (python3 -m xenstored) or c (Debian's xenstored, as a control)")
     p.add_argument("--timeout", type=float, default=float(os.environ.get("XS_XENVM_TIMEOUT", 300)))
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--keep", action="store_true", help="keep the console log of a passing run too")
+    p.add_argument("--keep", action="store_true", help="keep the console log of a passing run too, with the daemon's log in it")
     p.add_argument("--echo", action="store_true", help="print the console as it arrives")
+    p.add_argument("--probe", metavar="FILE",
+                   help="a Python script to run in dom0 (host's python3, chrooted) before the daemon")
     a = p.parse_args(argv)
     guests = [g for g in a.guests.split(",") if g]
     if any(g not in ("pv", "pvh") for g in guests):
         p.error("guests are pv and/or pvh")
     try:
-        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo)
+        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo, a.probe)
     except EnvError as e:
         print(f"XENVM SKIP: {e}", flush=True)
         return 2
