@@ -7,6 +7,7 @@ accepts connections, so an init script can use the store right after starting it
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -14,8 +15,10 @@ import sys
 
 import trio
 
-from .config import Config
+from . import logs
+from .config import Config, ConfigError, load_file
 from .service import Service
+from .wire import XsError
 
 log = logging.getLogger("xenstored")
 
@@ -23,10 +26,12 @@ DEFAULT_RUNDIR = "/run/xenstored"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """cxenstored 4.17's options (getopt ``DE:F:HI::KNPS:t:A:M:Q:q:T:RVW:w:U``) plus ours."""
     p = argparse.ArgumentParser(prog="xenstored", description="XenStore daemon", add_help=False)
     p.add_argument("-H", "--help", action="help", help="show this help and exit")
     p.add_argument("-N", "--no-fork", action="store_true", help="stay in the foreground")
-    p.add_argument("-F", "--pid-file", help="write the daemon's pid to this file")
+    p.add_argument("-F", "--pid-file", help="write and lock the daemon's pid file")
+    p.add_argument("-P", "--output-pid", action="store_true", help="print the daemon's pid on stdout")
     p.add_argument("-D", "--no-domain-init", action="store_true", help="do not introduce dom0 at start")
     p.add_argument("-E", "--entry-nb", type=int, help="nodes quota per domain")
     p.add_argument("-S", "--entry-size", type=int, help="node-size quota")
@@ -37,15 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-Q", "--quota", action="append", default=[], metavar="NAME=N", help="set a quota")
     p.add_argument("-q", "--quota-soft", action="append", default=[], metavar="NAME=N", help="set a soft quota")
     p.add_argument("-w", "--timeout", action="append", default=[], metavar="watch-event=S")
-    p.add_argument("-T", "--trace-file", help="trace file")
-    p.add_argument("-K", "--keep-orphans", action="store_true", help="keep nodes of dead domains")
-    p.add_argument("-V", "--verbose", action="store_true")
-    p.add_argument("--master-domid", "-m", type=int, default=0)
-    p.add_argument("--priv-domid", "-p", type=int, default=0)
-    p.add_argument("--rundir", help="run directory (default $XENSTORED_RUNDIR or /run/xenstored)")
-    p.add_argument("--emulate", action="store_true", default=None, help="emulated hypervisor")
-    p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    p.add_argument("-T", "--trace-file", help="trace every request and reply to this file (C format)")
+    p.add_argument("-K", "--keep-orphans", action="store_true", default=None, help="keep nodes of dead domains")
+    p.add_argument("-V", "--verbose", action="store_true", help="log at debug level")
+    p.add_argument("-R", "--no-recovery", action="store_true", help="(accepted for compatibility)")
+    p.add_argument("-I", "--internal-db", nargs="?", const="on", help="(accepted for compatibility)")
+    p.add_argument("--event", type=int, help="(accepted for compatibility)")
+    p.add_argument("--trace-control", action="append", default=[], help="(accepted for compatibility)")
+    p.add_argument("--master-domid", "-m", type=int)
+    p.add_argument("--priv-domid", "-p", type=int)
     p.add_argument("-U", "--live-update", action="store_true", help="(internal) restore after live update")
+    p.add_argument("--config", help="config file (default: none; see conf/xenstored.conf)")
+    p.add_argument("--rundir", help="run directory (default $XENSTORED_RUNDIR or /run/xenstored)")
+    p.add_argument("--emulate", action="store_true", default=None, help="emulated hypervisor (default: auto)")
+    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--log-file", help="a file, syslog[:facility], or stderr")
     p.add_argument("--persistent", action="store_true", default=None, help="keep the store across restarts")
     p.add_argument("--persistent-file", help="where --persistent keeps it")
     p.add_argument("--persistent-interval", type=float, help="seconds between snapshots (0: at stop only)")
@@ -55,46 +66,57 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_assign(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep or not value.strip().isdigit():
-        raise SystemExit(f"xenstored: bad quota setting {text!r} (want NAME=NUMBER)")
+        raise SystemExit(f"xenstored: bad setting {text!r} (want NAME=NUMBER)")
     return name.strip(), int(value)
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Defaults, then the config file, then the command line: the last word wins."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"xenstored: ignoring unknown arguments {' '.join(unknown)}", file=sys.stderr)
-    rundir = args.rundir or os.environ.get("XENSTORED_RUNDIR") or DEFAULT_RUNDIR
-    cfg = Config(rundir=os.path.abspath(rundir))
-    cfg.socket_path = os.environ.get("XENSTORED_PATH") or None
-    cfg.priv_domid = args.priv_domid
-    cfg.master_domid = args.master_domid
-    cfg.keep_orphans = args.keep_orphans
-    cfg.emulate = args.emulate
-    cfg.domain_init = not args.no_domain_init
-    cfg.trace_file = args.trace_file
-    cfg.pid_file = args.pid_file
-    cfg.log_level = args.log_level or ("debug" if args.verbose else "info")
-    cfg.live_update = args.live_update
-    if args.persistent:
-        cfg.persistent = True
-    if args.persistent_interval is not None:
-        cfg.persistent_interval = args.persistent_interval
-    if args.persistent_file:
-        cfg.persistent_file = os.path.abspath(args.persistent_file)
-    q = cfg.quotas
-    for opt, name in (
-        ("entry_nb", "nodes"),
-        ("entry_size", "node-size"),
-        ("watch_nb", "watches"),
-        ("transaction", "transactions"),
-        ("perm_nb", "node-permissions"),
-        ("path_max", "path-max"),
-    ):
-        value = getattr(args, opt)
+    cfg = Config()
+    if args.config:
+        try:
+            for note in load_file(cfg, args.config):
+                print(f"xenstored: {note}", file=sys.stderr)
+        except ConfigError as e:
+            raise SystemExit(f"xenstored: {e}") from None
+    rundir = args.rundir or os.environ.get("XENSTORED_RUNDIR") or cfg.rundir or DEFAULT_RUNDIR
+    cfg.rundir = os.path.abspath(rundir)
+    cfg.socket_path = os.environ.get("XENSTORED_PATH") or cfg.socket_path
+    overrides = {
+        "priv_domid": args.priv_domid,
+        "master_domid": args.master_domid,
+        "keep_orphans": args.keep_orphans,
+        "emulate": args.emulate,
+        "trace_file": args.trace_file,
+        "pid_file": args.pid_file,
+        "log_file": args.log_file,
+        "log_level": args.log_level or ("debug" if args.verbose else None),
+        "persistent": args.persistent,
+        "persistent_interval": args.persistent_interval,
+        "persistent_file": os.path.abspath(args.persistent_file) if args.persistent_file else None,
+    }
+    for name, value in overrides.items():
         if value is not None:
-            q.set(name, value)
+            setattr(cfg, name, value)
+    cfg.domain_init = not args.no_domain_init
+    cfg.live_update = args.live_update
+    q = cfg.quotas
     try:
+        for opt, name in (
+            ("entry_nb", "nodes"),
+            ("entry_size", "node-size"),
+            ("watch_nb", "watches"),
+            ("transaction", "transactions"),
+            ("perm_nb", "node-permissions"),
+            ("path_max", "path-max"),
+        ):
+            value = getattr(args, opt)
+            if value is not None:
+                q.set(name, value)
         for text in args.quota:
             q.set(*_parse_assign(text))
         for text in args.quota_soft:
@@ -102,10 +124,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
             if name != "memory":
                 raise SystemExit(f"xenstored: only the memory quota has a soft limit, not {name!r}")
             q.set("soft-memory", value)
-    except Exception as e:  # XsError from an unknown quota name
-        if isinstance(e, SystemExit):
-            raise
-        raise SystemExit(f"xenstored: {e}") from None
+    except XsError as e:
+        raise SystemExit(f"xenstored: bad quota: {e.detail or e.name}") from None
     for text in args.timeout:
         name, value = _parse_assign(text)
         if name != "watch-event":
@@ -114,51 +134,64 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     return cfg, args
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s xenstored[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _write_pid_file(path: str) -> None:
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg, args = config_from_args(argv)
-    _setup_logging(cfg.log_level)
+    cfg.foreground = args.no_fork
+    logs.setup(cfg, foreground=args.no_fork)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    if args.no_fork:
-        if cfg.pid_file:
-            _write_pid_file(cfg.pid_file)
-        service = Service(cfg, argv)
-        service.restore(cfg.live_update)
-        trio.run(service.run)
+    if not args.no_fork:
+        return _daemonize(cfg, argv, args.output_pid)
+    if cfg.pid_file and not _lock_pid_file(cfg.pid_file):
         return 0
-    return _daemonize(cfg, argv)
+    if args.output_pid:
+        print(os.getpid(), flush=True)
+    service = Service(cfg, argv)
+    service.restore(cfg.live_update)
+    trio.run(service.run)
+    return 0
 
 
-def _daemonize(cfg: Config, argv: list[str] | None) -> int:
+_pid_fd: int | None = None  # held open for the daemon's life: the lock is the "running" flag
+
+
+def _lock_pid_file(path: str) -> bool:
+    """Write our pid under an exclusive lock; False if another daemon holds it (C exits 0 then)."""
+    global _pid_fd
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _pid_fd = fd
+    return True
+
+
+def _daemonize(cfg: Config, argv: list[str] | None, output_pid: bool) -> int:
     """Double fork; the original process exits 0 once the daemon is ready, 1 if it died."""
     rfd, wfd = os.pipe()
     if os.fork():
         os.close(wfd)
-        ok = os.read(rfd, 1)
-        return 0 if ok == b"1" else 1
+        with os.fdopen(rfd, "rb") as r:
+            ready = r.read()
+        if not ready.startswith(b"1"):
+            return 1
+        if output_pid:
+            print(ready[1:].decode().strip(), flush=True)
+        return 0
     os.close(rfd)
     os.setsid()
     if os.fork():
         os._exit(0)
     os.chdir("/")
-    if cfg.pid_file:
-        _write_pid_file(cfg.pid_file)
+    if cfg.pid_file and not _lock_pid_file(cfg.pid_file):
+        os.write(wfd, b"1already running")
+        os._exit(0)
 
     def ready() -> None:
-        os.write(wfd, b"1")
+        os.write(wfd, f"1{os.getpid()}".encode())
         os.close(wfd)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

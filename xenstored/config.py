@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .quota import Quotas
+from .wire import XsError
 
 
 @dataclass
@@ -37,7 +38,162 @@ class Config:
     # the changes of this window; a clean stop loses nothing.
     persistent_interval: float = 5.0
     live_update: bool = False  # -U: restore from <rundir>/state_dump
+    foreground: bool = True  # -N (a live update keeps the log destination of a forked daemon)
+    # oxenstored switches: permission checks, and the XSA-115 filter on watch events.
+    perms_activate: bool = True
+    perms_watch_activate: bool = True
+    log_file: str | None = None  # a path, "syslog[:facility]", or None: stderr (foreground)
+    access_log_file: str | None = None
+    access_log_files: int = 20
+    access_log_lines: int = 13215
+    access_log_chars: int = 180
+    access_log_reads: bool = False
+    access_log_transactions: bool = False
+    access_log_special: bool = False
 
     @property
     def socket(self) -> str:
         return self.socket_path or f"{self.rundir}/socket"
+
+
+class ConfigError(Exception):
+    """A bad config file line: names the file, the line and the key."""
+
+
+def _bool(text: str) -> bool:
+    t = text.lower()
+    if t in ("true", "yes", "on", "1"):
+        return True
+    if t in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _uint(text: str) -> int:
+    value = int(text, 10)
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _emulate(text: str) -> bool | None:
+    return None if text.lower() == "auto" else _bool(text)
+
+
+def _quota(name: str):
+    def set_(cfg: Config, text: str) -> None:
+        cfg.quotas.set(name, _uint(text))
+
+    return set_
+
+
+def _attr(name: str, conv):
+    def set_(cfg: Config, text: str) -> None:
+        setattr(cfg, name, conv(text))
+
+    return set_
+
+
+def _quota_activate(cfg: Config, text: str) -> None:
+    if not _bool(text):
+        for name in list(cfg.quotas.values):
+            cfg.quotas.values[name] = 0
+
+
+# key -> setter.  Our keys first, then oxenstored.conf keys that mean something here.
+KEYS = {
+    "rundir": _attr("rundir", str),
+    "socket": _attr("socket_path", str),
+    "priv-domid": _attr("priv_domid", _uint),
+    "pid-file": _attr("pid_file", str),
+    "emulate": _attr("emulate", _emulate),
+    "log-level": _attr("log_level", str),
+    "log-file": _attr("log_file", str),
+    "trace-file": _attr("trace_file", str),
+    "keep-orphans": _attr("keep_orphans", _bool),
+    "persistent": _attr("persistent", _bool),
+    "persistent-file": _attr("persistent_file", str),
+    "persistent-interval": _attr("persistent_interval", _seconds),
+    "watch-event-timeout": _attr("watch_event_timeout", _seconds),
+    "ring-scan-interval": _attr("ring_scan_interval", _seconds),
+    "perms-activate": _attr("perms_activate", _bool),
+    "perms-watch-activate": _attr("perms_watch_activate", _bool),
+    "access-log-file": _attr("access_log_file", str),
+    "access-log-nb-files": _attr("access_log_files", _uint),
+    "access-log-nb-lines": _attr("access_log_lines", _uint),
+    "access-log-nb-chars": _attr("access_log_chars", int),
+    "access-log-read-ops": _attr("access_log_reads", _bool),
+    "access-log-transactions-ops": _attr("access_log_transactions", _bool),
+    "access-log-special-ops": _attr("access_log_special", _bool),
+    "xenstored-log-file": _attr("log_file", str),
+    "xenstored-log-level": _attr("log_level", str),
+    "quota-activate": _quota_activate,
+    **{f"quota-{n}": _quota(n) for n in Quotas.defaults().values},
+    # oxenstored spellings.
+    "quota-maxentity": _quota("nodes"),
+    "quota-maxsize": _quota("node-size"),
+    "quota-maxwatch": _quota("watches"),
+    "quota-transaction": _quota("transactions"),
+    "quota-maxrequests": _quota("transaction-nodes"),
+    "quota-maxoutstanding": _quota("outstanding"),
+}
+
+# oxenstored.conf keys accepted and ignored: their mechanisms do not exist here (our MVCC commits
+# need no conflict rate limiting or merge switch; there is no OCaml GC; the store domain's page
+# and port come from the hypervisor interface).
+IGNORED_KEYS = frozenset(
+    {
+        "merge-activate",
+        "test-eagain",
+        "conflict-burst-limit",
+        "conflict-max-history-seconds",
+        "conflict-rate-limit-is-aggregate",
+        "gc-max-overhead",
+        "quota-maxwatchevents",
+        "allow-debug",
+        "xenstored-kva",
+        "xenstored-port",
+        "xenstored-log-nb-files",
+        "xenstored-log-nb-lines",
+        "xenstored-log-nb-chars",
+    }
+)
+
+
+def load_file(cfg: Config, path: str) -> list[str]:
+    """Apply ``key = value`` lines of ``path`` to ``cfg``; returns notes about ignored keys.
+    Raises ConfigError (file, line, key) on an unknown key or a bad value."""
+    notes = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"{path}:{lineno}: expected 'key = value', got {raw.strip()!r}")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if key in IGNORED_KEYS:
+            notes.append(f"{path}:{lineno}: {key} has no effect in this daemon")
+            continue
+        setter = KEYS.get(key)
+        if setter is None:
+            raise ConfigError(f"{path}:{lineno}: unknown key {key!r}")
+        try:
+            setter(cfg, value)
+        except (ValueError, XsError) as e:
+            raise ConfigError(f"{path}:{lineno}: bad value for {key!r}: {e}") from None
+    return notes

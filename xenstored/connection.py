@@ -108,10 +108,16 @@ class Connection:
             self.error(msg, "E2BIG")
             return
         t = msg.type if type_ is None else type_
+        tracer = self.core.tracer
+        if tracer is not None:
+            tracer.reply(self, t, msg.tx_id, payload)
         self._queue(HEADER.pack(t, msg.req_id, msg.tx_id, len(payload)) + payload)
 
     def error(self, msg: Message, name: str) -> None:
         payload = name.encode() + b"\0"
+        tracer = self.core.tracer
+        if tracer is not None:
+            tracer.reply(self, Op.ERROR, msg.tx_id, payload)
         self._queue(HEADER.pack(Op.ERROR, msg.req_id, msg.tx_id, len(payload)) + payload)
 
     def event(self, path: str, token: str) -> None:
@@ -134,6 +140,9 @@ class Connection:
             return
         if self.doomed:
             return
+        tracer = self.core.tracer
+        if tracer is not None:
+            tracer.reply(self, Op.WATCH_EVENT, 0, payload)
         self._queue(HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload)
 
     def has_output(self) -> bool:

@@ -7,6 +7,7 @@ bad arguments are EINVAL.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -115,6 +116,84 @@ def _quota(conn: Connection, args: list[str]) -> bytes:
         lines = "".join(f"{n:<17}: {usage.get(n, 0):8d} (max {dom.quotas[n]})\n" for n in hard if n in usage)
         return text(f"Domain {dom.domid}:\n" + lines)
     raise XsError("EINVAL")
+
+
+@command("log", "[on|off|+<switch>|-<switch>]")
+def _log(conn: Connection, args: list[str]) -> bytes:
+    """Switch the trace file on or off (C's io switch; the others have no equivalent here)."""
+    tracer = conn.core.tracer
+    if not args:
+        on = bool(tracer is not None and tracer.trace_on and tracer.trace is not None)
+        return text(f"Log switch settings:\n{'io':<8}: {'on' if on else 'off'}\n")
+    if len(args) != 1 or args[0] not in ("on", "off", "+io", "-io"):
+        raise XsError("EINVAL")
+    if tracer is None or tracer.trace is None:
+        raise XsError("EINVAL", "no trace file (-T or logfile)")
+    tracer.trace_on = args[0] in ("on", "+io")
+    return OK
+
+
+@command("logfile", "<file>")
+def _logfile(conn: Connection, args: list[str]) -> bytes:
+    if len(args) != 1 or not args[0]:
+        raise XsError("EINVAL")
+    core = conn.core
+    if core.tracer is None:
+        from .logs import Tracer
+
+        core.tracer = Tracer(core.config)
+    try:
+        core.tracer.reopen(args[0])
+    except OSError as e:
+        raise XsError("EINVAL", str(e)) from None
+    core.tracer.trace_on = True
+    return OK
+
+
+@command("memreport", "[<file>]")
+def _memreport(conn: Connection, args: list[str]) -> bytes:
+    """What the daemon holds, per structure and per domain, to the given file or the trace."""
+    core = conn.core
+    store = core.store
+    lines = [
+        f"memreport {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        (
+            f"nodes: {sum(store.owned.values())} live, {store.version_count()} versions, "
+            f"{store.open_snapshots} open snapshots, generation {store.gen}"
+        ),
+        f"watches: {core.watches.count}",
+        f"connections: {len(core.connections)}",
+        f"rss: {_rss_kib()} KiB",
+    ]
+    for dom in sorted(core.domains.values(), key=lambda d: d.domid):
+        usage = core.domain_usage(dom)
+        lines.append(f"dom{dom.domid}: " + " ".join(f"{k}={v}" for k, v in usage.items()))
+    report = "\n".join(lines) + "\n"
+    if len(args) > 1:
+        raise XsError("EINVAL")
+    if args:
+        try:
+            with open(args[0], "a") as f:
+                f.write(report)
+        except OSError as e:
+            raise XsError("EINVAL", str(e)) from None
+        return OK
+    tracer = core.tracer
+    if tracer is None or tracer.trace is None:
+        raise XsError("EINVAL", "no trace file to write the report to")
+    tracer.trace.write(report)
+    return OK
+
+
+def _rss_kib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 # Handled by the service (it replaces the process); listed here for help.

@@ -45,6 +45,7 @@ class Core:
         self.socket_fds: dict[int, int] = {}
         self.live_update = None
         self.reopen_logs = None
+        self.tracer = None  # logs.Tracer when a trace file or access log is configured
         self._initial_tree(owner)
 
     def _initial_tree(self, owner: Perms) -> None:
@@ -100,10 +101,14 @@ class Core:
             domid = self.priv_domid
         conn = Connection(self, self.domain(domid), socket=socket, privileged=self.is_privileged(domid))
         self.connections[conn.id] = conn
+        if self.tracer is not None:
+            self.tracer.connection(conn, True)
         return conn
 
     def forget_connection(self, conn: Connection) -> None:
         self.connections.pop(conn.id, None)
+        if self.tracer is not None:
+            self.tracer.connection(conn, False)
 
     # ------------------------------------------------------------------------- watch events
     def can_see(self, conn: Connection, change: Change) -> bool:

@@ -454,6 +454,9 @@ NO_TXN_OPS = frozenset({Op.WATCH, Op.UNWATCH, Op.TRANSACTION_START})
 
 def dispatch(conn: Connection, msg: Message) -> None:
     """Run one request and queue its reply (and any events) on the connection."""
+    tracer = conn.core.tracer
+    if tracer is not None:
+        tracer.request(conn, msg.type, msg.tx_id, msg.payload)
     entry = HANDLERS.get(msg.type)
     if entry is None:
         conn.error(msg, "ENOSYS")

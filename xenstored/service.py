@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import trio
 
-from . import hypervisor, migration
+from . import hypervisor, logs, migration
 from .config import Config
 from .connection import Connection
 from .core import Core
@@ -55,11 +55,19 @@ class Service:
         self.hv = hypervisor.choose(cfg.emulate, cfg.rundir)
         self.manager = DomainManager(self.core, self.hv)
         self.core.live_update = self.live_update_command
+        self.core.reopen_logs = self._reopen_logs
+        if cfg.trace_file or cfg.access_log_file:
+            self.core.tracer = logs.Tracer(cfg)
         self.lu: LiveUpdate | None = None
         self._listen_fd = -1
         self._restored_sockets: list[tuple[int, int]] = []
         self._nursery: trio.Nursery | None = None
         self._persisted_gen = -1
+
+    def _reopen_logs(self) -> None:
+        logs.reopen()
+        if self.core.tracer is not None:
+            self.core.tracer.reopen()
 
     # ------------------------------------------------------------------------- start
     @property
@@ -243,6 +251,8 @@ class Service:
             argv.append("-U")
         if "-N" not in argv and "--no-fork" not in argv:
             argv.insert(0, "-N")
+            if not self.cfg.log_file and not self.cfg.foreground:
+                argv.insert(1, "--log-file=syslog")  # where the forked daemon was logging
         fds = [self._listen_fd, *sockets.values()]
         for fd in fds:
             os.set_inheritable(fd, True)
