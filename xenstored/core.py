@@ -89,7 +89,17 @@ class Core:
 
     def memory_usage(self, conn: Connection) -> int:
         """Bytes a domain holds in the daemon: its nodes, its watches and its queued output."""
-        return self.store.owned_bytes.get(conn.domid, 0) + self.watches.bytes.get(conn, 0) + conn.out_bytes
+        pending = sum(t.mem for t in conn.transactions.values())
+        return self.store.owned_bytes.get(conn.domid, 0) + self.watches.bytes.get(conn, 0) + conn.out_bytes + pending
+
+    def note_domains(self, node_perms: Perms) -> None:
+        """Give every live domain named in a permission list a record (XSA-417): when it dies,
+        the death scan then strips its entries before a new domain can reuse the id."""
+        if self.hypervisor is None:
+            return
+        for p in node_perms:
+            if not p.ignore and p.domid not in self.domains and p.domid != DOMID_ANY:
+                self.domain(p.domid)
 
     def is_privileged(self, domid: int) -> bool:
         return domid == self.priv_domid

@@ -362,9 +362,11 @@ class DomainManager:
                 dom.shutdown_reported = True
                 log.info("dom%d %s", dom.domid, "crashed" if info.crashed else "shut down")
                 self.core.fire_special(RELEASE_DOMAIN, dom.domid)
-        # Records kept only for quotas/features of domains that no longer exist go too.
+        # Domains known only from permissions, quotas or features: when they are gone, so are
+        # their permission entries and nodes (XSA-417), then the record.
         for domid in [d for d, dom in self.core.domains.items() if not dom.introduced]:
             if domid != self.core.priv_domid and self.hv.domain_info(domid) is None:
+                self.remove_domain_nodes(domid)
                 del self.core.domains[domid]
 
     def destroy(self, dom: Domain, why: str) -> None:

@@ -133,8 +133,11 @@ def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> 
         count = conn.core.store.owned.get(conn.domid, 0) + txn.owned_delta + len(missing)
         if quota.exceeds(limit, count):
             raise _refuse(conn, "nodes", limit, count, path)
-        check_memory(conn, sum(NODE_OVERHEAD + len(p) for p in missing) + len(value), path)
+        size = sum(NODE_OVERHEAD + len(p) for p in missing) + len(value)
+        check_memory(conn, size, path)
         txn.owned_delta += len(missing)
+        if not txn.implicit:
+            txn.mem += size
     for p in reversed(missing):
         txn.put(p, value if p == path else b"", new_perms, existed=False)
     txn.note_change(path, exact=False, old=None, new=new_perms)
@@ -160,8 +163,10 @@ def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     if not can(conn, node.perms, WRITE):
         raise XsError("EACCES")
     _check_node_size(conn, value, node.perms)
-    if len(value) > len(node.value):
+    if len(value) > len(node.value) and not conn.privileged:
         check_memory(conn, len(value) - len(node.value), path)
+        if not txn.implicit:
+            txn.mem += len(value) - len(node.value)
     txn.put(path, value, node.perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=node.perms)
     return OK
@@ -278,6 +283,7 @@ def op_set_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
         if new_perms[0].domid != node.owner:
             raise XsError("EPERM", "only the privileged domain may change a node's owner")
     new_perms = conn.core.mark_stale(new_perms)
+    conn.core.note_domains(new_perms)
     txn.put(path, node.value, new_perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=new_perms)
     return OK

@@ -49,6 +49,7 @@ class Transaction:
         "dir_reads",
         "failed",
         "implicit",
+        "mem",
         "owned_delta",
         "reads",
         "removed",
@@ -76,6 +77,8 @@ class Transaction:
         # Net nodes this transaction creates for its connection's domain (nodes quota).
         self.owned_delta = 0
         self.started = 0.0  # monotonic time a client opened it (live update refuses old ones)
+        # Bytes this transaction's pending writes hold for its domain (memory quota, XSA-326).
+        self.mem = 0
 
     # --------------------------------------------------------------------------- reading
     def _base(self, path: str) -> Node | None:
