@@ -97,7 +97,7 @@ def ensure_qemu() -> str:
     log("installing qemu-system-x86 with apt-get")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"]
-    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+    if subprocess.run(cmd, check=False, env=env, stdout=subprocess.DEVNULL).returncode != 0:
         _run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
         _run(cmd, env=env, stdout=subprocess.DEVNULL)
     qemu = shutil.which("qemu-system-x86_64")
@@ -322,7 +322,7 @@ def precompile() -> None:
         spec = importlib.util.find_spec(mod)
         if spec and spec.submodule_search_locations:
             dirs.extend(spec.submodule_search_locations)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=False, stdout=subprocess.DEVNULL)
 
 
 # ----------------------------------------------------------------------------- booting
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guests", default="pv,pvh", help="comma-separated: pv, pvh (default both)")
     p.add_argument("--daemon", choices=["ours", "c"], default="ours",
                    help="ours (python3 -m xenstored) or c (Debian's xenstored, as a control)")
-    p.add_argument("--timeout", type=float, default=float(os.environ.get("XS_XENVM_TIMEOUT", 300)))
+    p.add_argument("--timeout", type=float, default=float(os.environ.get("XS_XENVM_TIMEOUT", "300")))
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--keep", action="store_true", help="keep the console log of a passing run too, with the daemon's log in it")
     p.add_argument("--echo", action="store_true", help="print the console as it arrives")
