@@ -140,7 +140,7 @@ class Core:
         for change in changes:
             for w in matching(change.path, change.exact):
                 conn: Connection = w.owner  # type: ignore[assignment]
-                if not conn.privileged and not self.can_see(conn, change):
+                if not conn.privileged and not self.can_see(conn, change) and self.config.perms_watch_activate:
                     continue
                 epath = paths.relative_to(change.path, conn.home) if w.relative else change.path
                 conn.event(epath, w.token)

@@ -129,6 +129,7 @@ class Service:
                 if cfg.persistent and cfg.persistent_interval > 0:
                     nursery.start_soon(self._persist_loop)
                 log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
+                sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket}")
                 if ready is not None:
                     ready()
                 async for signum in signals:
@@ -139,6 +140,7 @@ class Service:
                             reopen()
                         continue
                     log.info("signal %d: shutting down", signum)
+                    sd_notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     break
         if cfg.persistent:
@@ -274,6 +276,23 @@ class Service:
             self.lu = None
             log.error("live update: exec failed: %s", e)
             lu.conn.reply(msg, _text(f"live-update: exec of {lu.binary} failed: {e}"))
+
+
+def sd_notify(state: str) -> bool:
+    """The systemd notify protocol without libsystemd: one datagram to $NOTIFY_SOCKET (an
+    abstract socket when it starts with '@').  False when not run under a notify service."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM | pysocket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), addr)
+    except OSError as e:
+        log.warning("systemd notify failed: %s", e)
+        return False
+    return True
 
 
 def _atomic_write(path: str, chunks: Iterable[bytes], sync: bool = True) -> None:
