@@ -157,6 +157,9 @@ class Raw:
         self.sock.close()
 
 
+W_ERROR_OFFSET = 2072  # byte offset of the ring page error field
+
+
 def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
