@@ -327,3 +327,34 @@ def test_control(d0, core):
     assert d0.call(Op.CONTROL, b"check\0") == b"OK\0"
     assert d0.err(Op.CONTROL, b"bogus\0") == "EINVAL"
     assert b"nodes" in d0.call(Op.CONTROL, b"quota\0")
+
+
+def test_unread_events_to_guests_expire(core, d0):
+    import time
+
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    g = guest(core, 5)
+    g.watch("x", "t")
+    g.drain()
+    for i in range(5):
+        d0.write(f"/local/domain/5/x/{i}", "")
+    conn = g.conn
+    assert conn.outstanding == 5 and conn.expire_events(10.0) == 0
+    time.sleep(0.06)
+    before = conn.out_bytes
+    assert conn.expire_events(0.05) == 5
+    assert conn.outstanding == 0 and conn.out_bytes == 0 < before
+    d0.write("/local/domain/5/x/new", "")  # later events still arrive
+    assert g.drain()[0].payload == b"x/new\0t\0"
+
+
+def test_written_events_are_forgotten_by_the_expiry_clock(core, d0):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    g = guest(core, 5)
+    g.watch("y", "t")
+    for i in range(100):
+        d0.write(f"/local/domain/5/y/{i}", "")
+        g.drain()
+    assert len(g.conn._event_times) == 0

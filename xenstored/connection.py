@@ -48,6 +48,9 @@ class Connection:
         self._next_tx = 1
         self._out: deque[bytes] = deque()
         self._out_off = 0  # bytes of _out[0] already written
+        # (time queued, message) of watch events not yet written, oldest first: unread events
+        # to unprivileged domains expire (cxenstored's watch-event timeout).
+        self._event_times: deque[tuple[float, bytes]] = deque()
         self.out_bytes = 0
         # Set by the edge: called when output appears, so its writer wakes up.
         self.wakeup: Callable[[], None] = _nothing
@@ -143,7 +146,32 @@ class Connection:
         tracer = self.core.tracer
         if tracer is not None:
             tracer.reply(self, Op.WATCH_EVENT, 0, payload)
-        self._queue(HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload)
+        data = HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
+        if not self.privileged:
+            self._event_times.append((time.monotonic(), data))
+        self._queue(data)
+
+    def expire_events(self, timeout: float) -> int:
+        """Drop watch events queued longer than ``timeout`` seconds and not yet being written.
+        Cheap when nothing is old: only the oldest timestamp is looked at."""
+        times = self._event_times
+        if not times or timeout <= 0:
+            return 0
+        cutoff = time.monotonic() - timeout
+        if times[0][0] >= cutoff:
+            return 0
+        out = self._out
+        doomed = set()
+        while times and times[0][0] < cutoff:
+            doomed.add(id(times.popleft()[1]))
+        head = out[0] if self._out_off else None  # partly written: must finish
+        kept = deque(m for m in out if m is head or id(m) not in doomed)
+        dropped = len(out) - len(kept)
+        self.out_bytes -= sum(len(m) for m in out if m is not head and id(m) in doomed)
+        self._out = kept
+        if dropped:
+            log.warning("%s: dropped %d watch events unread for %.0f s", self.label, dropped, timeout)
+        return dropped
 
     def has_output(self) -> bool:
         return bool(self._out)
@@ -173,7 +201,10 @@ class Connection:
         while n and out:
             avail = len(out[0]) - self._out_off
             if n >= avail:
-                out.popleft()
+                done = out.popleft()
+                times = self._event_times
+                if times and times[0][1] is done:
+                    times.popleft()
                 self._out_off = 0
                 n -= avail
             else:
@@ -196,6 +227,7 @@ class Connection:
         return data
 
     def discard_output(self) -> None:
+        self._event_times.clear()
         self._out.clear()
         self._out_off = 0
         self.out_bytes = 0

@@ -306,6 +306,8 @@ class DomainManager:
         if ring is None or conn is None or dom.ignored or conn.closed:
             return
         notify = False
+        if not conn.privileged:
+            conn.expire_events(self.core.config.watch_event_timeout)
         try:
             if ring.connection == RECONNECT:
                 conn.reset()
