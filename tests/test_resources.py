@@ -74,11 +74,6 @@ def test_watch_event_flood_without_reading_is_bounded(daemon, d0):
     assert_healthy(daemon)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Connection.event() compares only the queued output with the memory quota, so "
-    "nodes + watches + queued events of a domain exceed it",
-)
 def test_unread_events_respect_the_whole_memory_quota(daemon, d0):
     """The memory quota covers nodes, watches and queued output together (C rule)."""
     introduce(d0, daemon, 5)
@@ -92,11 +87,6 @@ def test_unread_events_respect_the_whole_memory_quota(daemon, d0):
         assert u["memory"] <= QUOTA, u
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MISSING: unread watch events to unprivileged domains never expire "
-    "(Config.watch_event_timeout / -w watch-event=N is parsed but not used)",
-)
 def test_unread_watch_events_expire():
     """Events an unprivileged guest has not started reading within watch-event seconds are
     discarded (C: 20 s default), so a stalled guest does not hold them forever."""

@@ -132,9 +132,11 @@ class Connection:
             # An unprivileged watcher that does not read its events loses them rather than
             # growing the daemon past its memory quota (as C drops them).
             limit = self.domain.quotas["memory"]
-            if limit and self.out_bytes + len(payload) > limit:
-                self.core.refusals.refuse(self.domid, "memory", limit, self.out_bytes + len(payload), "event")
-                return
+            if limit:
+                usage = self.core.memory_usage(self) + len(payload) + HEADER.size
+                if usage > limit:
+                    self.core.refusals.refuse(self.domid, "memory", limit, usage, "event")
+                    return
         if self.out_bytes + len(payload) > self.core.config.output_limit_bytes and not self.doomed:
             # A client that lets events pile up without reading would grow us without bound.
             self.doomed = f"output queue over {self.core.config.output_limit_bytes} bytes"
