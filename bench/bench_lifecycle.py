@@ -125,8 +125,8 @@ def main() -> None:
               f"in {time.perf_counter() - t:.1f} s")
         t = time.perf_counter()
         r = subprocess.run(
-            [xenstore_control(), "live-update", "-c", f"-m xenstored -N --rundir {rundir} --persistent "
-             "--persistent-interval 0", sys.executable],
+            [xenstore_control(), "live-update", "-c", (f"-m xenstored -N --rundir {rundir} --persistent "
+             "--persistent-interval 0"), sys.executable],
             env=dict(_env(), XENSTORED_PATH=sock), capture_output=True, text=True, check=False,
         )
         lu = time.perf_counter() - t

@@ -118,3 +118,20 @@ def test_restore_rejects_orphan_nodes():
     state = State(nodes=[NodeData("/a/b", b"", (Perm(0, 0),))])
     with pytest.raises(StreamError):
         migration.restore_tree(make_core(), state)
+
+
+def test_snapshot_walk_is_consistent_while_the_tree_changes():
+    core = make_core()
+    d0 = Peer(core)
+    for i in range(50):
+        d0.write(f"/a/n{i:02d}/leaf", str(i))
+    before = [(n.path, n.value) for n in migration.snapshot_nodes(core)]
+    snap = core.store.open_snapshot()
+    walk = migration.snapshot_nodes(core, snap)
+    got = [next(walk) for _ in range(10)]
+    d0.rm("/a/n30")
+    d0.write("/a/n05/leaf", "changed")
+    d0.write("/a/zzz", "new")
+    got += list(walk)
+    core.store.close_snapshot(snap)
+    assert [(n.path, n.value) for n in got] == before

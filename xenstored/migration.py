@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import paths, quota
 from .perms import Perm, Perms
+from .store import Node
 from .transactions import Transaction
 from .wire import DOMID_INVALID
 
@@ -300,13 +301,30 @@ def _decode(data: bytes) -> State:
 
 
 # ----------------------------------------------------------------------------- core <-> state
-def snapshot_nodes(core: Core) -> Iterator[NodeData]:
-    """Every node pre-order from '/', then the special paths (as C writes them)."""
+def snapshot_nodes(core: Core, snap: int | None = None) -> Iterator[NodeData]:
+    """Every node pre-order from '/', then the special paths (as C writes them).
+
+    With ``snap`` (an open snapshot generation) the walk reads that snapshot, so a caller may
+    interleave it with other work, even writes, and still get one consistent tree: the MVCC
+    store keeps the versions it needs until the snapshot is closed."""
     store = core.store
-    for path in store.walk():
-        node = store.get(path)
-        assert node is not None
+    if snap is None:
+        get, names = store.get, store.child_names
+    else:
+        def get(p: str) -> Node | None:
+            return store.get_at(p, snap)
+
+        def names(p: str) -> list[str]:
+            return store.child_names(p, snap)
+
+    stack = [paths.ROOT]
+    while stack:
+        path = stack.pop()
+        node = get(path)
+        if node is None:
+            continue
         yield NodeData(path, node.value, node.perms)
+        stack.extend(paths.join(path, n) for n in reversed(names(path)))
     for name in (paths.RELEASE_DOMAIN, paths.INTRODUCE_DOMAIN):
         yield NodeData(name, b"", core.special_perms[name])
 

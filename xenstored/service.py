@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import trio
+import trio.lowlevel
 
 from . import hypervisor, logs, migration
 from .config import Config
@@ -166,10 +167,22 @@ class Service:
     async def _persist_loop(self) -> None:
         while True:
             await trio.sleep(self.cfg.persistent_interval)
-            if self.core.store.gen == self._persisted_gen:
+            store = self.core.store
+            if store.gen == self._persisted_gen:
                 continue
-            state = migration.dump_core(self.core)
-            gen = self.core.store.gen
+            # Walk a snapshot in slices so a big store never stalls the loop; MVCC keeps the
+            # snapshot consistent while requests go on changing the live tree.
+            gen = store.gen
+            snap = store.open_snapshot()
+            nodes = []
+            try:
+                for i, node in enumerate(migration.snapshot_nodes(self.core, snap)):
+                    nodes.append(node)
+                    if i % 2000 == 1999:
+                        await trio.lowlevel.checkpoint()
+            finally:
+                store.close_snapshot(snap)
+            state = migration.dump_core(self.core, nodes=nodes)
             try:
                 await trio.to_thread.run_sync(_atomic_write, self.persistent_file, migration.encode(state))
             except OSError as e:
