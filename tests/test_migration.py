@@ -135,3 +135,41 @@ def test_snapshot_walk_is_consistent_while_the_tree_changes():
     got += list(walk)
     core.store.close_snapshot(snap)
     assert [(n.path, n.value) for n in got] == before
+
+
+def _c_record(rtype: int, body: bytes) -> bytes:
+    body += b"\0" * (-len(body) % 8)
+    return struct.pack("<II", rtype, len(body)) + body
+
+
+def test_a_stream_laid_out_as_cxenstored_4_17_writes_it_is_accepted():
+    """Built byte by byte from docs/designs/xenstore-migration.md, not with our encoder: version 1,
+    special nodes first (C-4.17's order), WATCH_DATA without depth, a socket connection."""
+    def node(path: bytes, value: bytes, perms: list[tuple[bytes, int]]) -> bytes:
+        head = struct.pack("<IIHHHH", 0, 0, len(path) + 1, len(value), 0, len(perms))
+        return _c_record(5, head + b"".join(struct.pack("<BBH", a[0], 0, d) for a, d in perms) + path + b"\0" + value)
+
+    stream = b"xenstore" + struct.pack(">I", 1) + struct.pack("<I", 0)
+    stream += _c_record(1, struct.pack("<ii", 5, 6))
+    stream += node(b"@releaseDomain", b"", [(b"n", 0)])
+    stream += node(b"@introduceDomain", b"", [(b"n", 0), (b"r", 3)])
+    stream += node(b"/", b"", [(b"n", 0)])
+    stream += node(b"/tool", b"", [(b"n", 0)])
+    stream += node(b"/tool/xenstored", b"", [(b"n", 0)])
+    stream += node(b"/local", b"", [(b"n", 0)])
+    stream += node(b"/local/domain", b"", [(b"n", 0)])
+    stream += node(b"/local/domain/3", b"", [(b"n", 3), (b"r", 0)])
+    stream += node(b"/local/domain/3/name", b"guest3", [(b"n", 3), (b"r", 0)])
+    conn = struct.pack("<IHH", 7, 1, 0) + struct.pack("<iI", 9, 0) + struct.pack("<HHI", 0, 0, 0)
+    stream += _c_record(2, conn)
+    stream += _c_record(3, struct.pack("<IHH", 7, 6, 3) + b"/local\0" + b"w\0")
+    stream += _c_record(0, b"")
+    state = migration.decode(stream)
+    assert state.globals.socket_fd == 5 and state.connections[0].socket_fd == 9
+    assert state.watches[0].path == "/local" and state.watches[0].depth is None
+    core = make_core()
+    migration.restore_tree(core, state)
+    p = Peer(core)
+    assert p.read("/local/domain/3/name") == b"guest3"
+    assert p.getperms("/local/domain/3") == ["n3", "r0"]
+    assert p.getperms("@introduceDomain") == ["n0", "r3"]
