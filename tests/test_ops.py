@@ -358,3 +358,15 @@ def test_written_events_are_forgotten_by_the_expiry_clock(core, d0):
         d0.write(f"/local/domain/5/y/{i}", "")
         g.drain()
     assert len(g.conn._event_times) == 0
+
+
+def test_control_quota_max_and_domain(core, d0):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    g = guest(core, 5)
+    g.write("a", "")
+    out = d0.call(Op.CONTROL, b"quota\0max\0").decode()
+    assert out.startswith("Max quota usage:\n") and "nodes            :        2" in out
+    dom = d0.call(Op.CONTROL, b"quota\x005\0").decode()
+    assert dom.startswith("Domain 5:\n") and "(max 1000)" in dom
+    assert d0.err(Op.CONTROL, b"quota\x00999\0") == "ENOENT"

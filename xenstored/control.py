@@ -108,6 +108,19 @@ def _quota(conn: Connection, args: list[str]) -> bytes:
             raise XsError("EINVAL")
         core.config.quotas.set(name, int(args[2]))
         return OK
+    if args[0] == "max":
+        # Highest current use of each quota among unprivileged domains.  No history is kept, so
+        # this is the present maximum and -r has nothing to reset.
+        if len(args) > 2 or (len(args) == 2 and args[1] != "-r"):
+            raise XsError("EINVAL")
+        best: dict[str, int] = {}
+        for dom in core.domains.values():
+            if core.is_privileged(dom.domid):
+                continue
+            for name, value in core.domain_usage(dom).items():
+                best[name] = max(best.get(name, 0), value)
+        counted = ("nodes", "watches", "outstanding", "memory", "transactions")
+        return text("Max quota usage:\n" + "".join(f"{n:<17}: {best.get(n, 0):8d}\n" for n in counted))
     if len(args) == 1 and args[0].isdigit():
         dom = core.domains.get(int(args[0]))
         if dom is None:
