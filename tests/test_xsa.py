@@ -295,11 +295,6 @@ def test_xsa_417_stale_entry_for_unknown_domain(daemon, d0):
         assert_healthy(daemon, g)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a domain named in SET_PERMS that exists but is never introduced gets no record; "
-    "when it dies its entries stay valid and a new domain with that id can read the node",
-)
 def test_xsa_417_entry_for_existing_domain_that_dies(daemon, d0):
     """XSA-417: an ACL entry for an existing (never introduced) domain stays valid after it dies."""
     hv(daemon, "create 10")
@@ -655,11 +650,6 @@ def test_xsa_326_many_nodes_in_one_transaction(daemon, d0):
     assert "transaction-nodes quota" in daemon.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: writes pending in open transactions are not charged to the domain's memory quota: "
-    "10 transactions x ~1000 nodes x 2 KiB hold ~20 MiB for a 2.5 MiB quota",
-)
 def test_xsa_326_max_size_nodes_across_many_transactions(daemon, d0):
     """XSA-326 (CVE-2022-42312/42313): max-size nodes in many open transactions exhaust memory."""
     introduce(d0, daemon, 5)
