@@ -30,6 +30,7 @@ from . import xen_abi as abi
 from .base import SHUTDOWN_CRASH, DomainInfo, DomExcCallback, Hypervisor, PortCallback
 
 PAGE_SIZE = 4096
+STORE_DOMID = 0  # the domain whose page is /proc/xen/xsd_kva (C: xenbus_master_domid(), default 0)
 
 
 def _xs_error(e: OSError, what: str) -> XsError:
@@ -120,6 +121,7 @@ class XenHypervisor(Hypervisor):
         self._gntdev: int | None = None
         self._xc: _XenCtrl | None = None
         self._maps: dict[int, tuple[mmap.mmap, memoryview, int | None]] = {}
+        self._store_page: memoryview | None = None  # /proc/xen/xsd_kva, mapped once
         self.virq_port = self._ioctl(abi.IOCTL_EVTCHN_BIND_VIRQ, abi.EVTCHN_BIND_VIRQ.pack(abi.VIRQ_DOM_EXC))
 
     def _ioctl(self, request: int, arg: bytes) -> int:
@@ -159,6 +161,13 @@ class XenHypervisor(Hypervisor):
         return self._gntdev
 
     def map_ring(self, domid: int, gfn: int) -> memoryview:
+        if domid == STORE_DOMID:
+            # The store domain has no grant for its own page (C's map_interface() uses
+            # xenbus_map() for the master domain): a restore after live update comes here.
+            found = self.dom0_ring()
+            if found is None:
+                raise XsError("EINVAL", f"no {abi.XSD_KVA} for dom{domid}")
+            return found[0]
         self.unmap_ring(domid)
         try:
             fd = self._gntdev_fd()
@@ -206,14 +215,15 @@ class XenHypervisor(Hypervisor):
         except (OSError, ValueError):
             return None
         try:
-            view = _mmap_page(fd)
+            if self._store_page is None:
+                # Never unmapped: the page lives as long as the daemon (as in C xenstored), and
+                # munmap under a live Ring view would be a use-after-free.
+                self._store_page = _mmap_page(fd)
         except OSError:
             return None
         finally:
             os.close(fd)
-        # Never unmapped: the page lives as long as the daemon (C xenstored does the same), and
-        # munmap under a live Ring view would be a use-after-free.
-        return view, port
+        return self._store_page, port
 
     # -- event channels ------------------------------------------------------------------------
 
