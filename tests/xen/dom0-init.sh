@@ -33,6 +33,7 @@ finish() {
     if [ -n "$FAILED" ]; then
         mark "VERDICT FAIL $FAILED"
         dump xenstored /run/xenstored.log 80
+        dump xenstored-trace /run/xenstored-trace.log 60
         for f in /var/log/xen/*.log; do dump "${f##*/}" "$f" 40; done
         dmesg | tail -n 30 > /tmp/dmesg.tail; dump dom0-dmesg /tmp/dmesg.tail
     else
@@ -67,7 +68,7 @@ ok modules "xsd_port=$(cat /proc/xen/xsd_port)"
 # guest kernel is read from the package cache
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,ro host /host \
     || { fail share "mount 9p"; finish; }
-for d in dev proc sys run tmp; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
+for d in dev proc sys run; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
 ok share ""
 : > /etc/xen/xl.conf
 
@@ -82,7 +83,7 @@ fi
 # --- the system XenStore
 t0=$(now)
 if [ "$XSVM_DAEMON" = ours ]; then
-    host_python -m xenstored -N -V > /run/xenstored.log 2>&1 &
+    host_python -m xenstored -N -V -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 else
     xenstored -N -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 fi
@@ -126,6 +127,45 @@ wait_for() {
     return 1
 }
 
+count() { grep -c "$2" "$1" 2>/dev/null; }
+
+xen_state() {  # Xen's view (event channels, vcpus' pending upcalls) into the Xen console
+    xl debug-keys e; xl debug-keys q; sleep 1
+}
+
+roundtrip() {  # roundtrip <stage>: dom0 writes data/to-guest, the guest's watch answers
+    before=$(count /tmp/w-$g.log "^$dp/data/from-guest")
+    token="ping-$1-$$-$(now)"
+    ta=$(now)
+    xenstore-write $dp/data/to-guest "$token"
+    i=0
+    while [ "$(count /tmp/w-$g.log "^$dp/data/from-guest")" -le "$before" ] && [ $i -lt 300 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    tb=$(now)
+    if [ "$(count /tmp/w-$g.log "^$dp/data/from-guest")" -le "$before" ]; then
+        fail "$1" "no from-guest event"; xen_state; return
+    fi
+    v=$(xenstore-read $dp/data/from-guest)
+    if [ "$v" = "pong:$token" ]; then ok "$1" "$(awk "BEGIN{print $tb - $ta}")s"; else fail "$1" "from-guest=$v"; fi
+}
+
+live_update() {  # replace the running daemon with a new process, a guest and watches alive
+    ta=$(now)
+    out=$(timeout 90 xenstore-control live-update -c "-m xenstored -N -V -T /run/xenstored-trace.log" "$XSVM_PYTHON" 2>&1)
+    rc=$?
+    tb=$(now)
+    sleep 0.5
+    kill -0 $XSD_PID 2>/dev/null || { fail live-update "daemon died (xenstore-control exit $rc: $out)"; finish; }
+    if [ $rc != 0 ]; then fail live-update "xenstore-control exit $rc: $out"; return; fi
+    ok live-update "$(awk "BEGIN{print $tb - $ta}")s: $(echo $out | head -c 80)"
+    n=$(timeout 10 xenstore-read /local/domain/0/name 2>&1)
+    [ "$n" = Domain-0 ] && ok lu-socket "name=$n" || fail lu-socket "$n"
+    n=$(XENSTORED_PATH=/dev/xen/xenbus timeout 10 xenstore-read /local/domain/0/name 2>&1)
+    [ "$n" = Domain-0 ] && ok lu-dom0-xenbus "name=$n" || fail lu-dom0-xenbus "$n"
+    roundtrip lu-guest-roundtrip
+}
+
 run_guest() {  # run_guest pv|pvh
     g=$1; name="guest-$g"; cfg=/etc/xen/$name.cfg
     {
@@ -155,25 +195,15 @@ run_guest() {  # run_guest pv|pvh
     if wait_for /tmp/w-$g.log "^$dp/data/guest-up" 90; then
         ok "$g-guest-up" "$(xenstore-read $dp/data/guest-up)"
     else
-        fail "$g-guest-up" "guest never wrote data/guest-up"
+        fail "$g-guest-up" "guest never wrote data/guest-up"; xen_state
     fi
     if [ -z "$FAILED" ]; then
-        token="ping-$g-$D-$$"
-        ta=$(now)
-        xenstore-write $dp/data/to-guest "$token"
-        if wait_for /tmp/w-$g.log "^$dp/data/from-guest" 30; then
-            tb=$(now)
-            v=$(xenstore-read $dp/data/from-guest)
-            if [ "$v" = "pong:$token" ]; then
-                ok "$g-watch-roundtrip" "$(awk "BEGIN{print $tb - $ta}")s"
-            else
-                fail "$g-watch-roundtrip" "from-guest=$v"
-            fi
-        else
-            fail "$g-watch-roundtrip" "no from-guest event"
-        fi
+        roundtrip "$g-watch-roundtrip"
         r=$(xenstore-read $dp/data/result 2>&1)
         case "$r" in ok*) ok "$g-guest-checks" "$r" ;; *) fail "$g-guest-checks" "$r" ;; esac
+    fi
+    if [ -z "$FAILED" ] && [ -n "$XSVM_LIVE_UPDATE" ] && [ "$g" = "${XSVM_GUESTS%% *}" ]; then
+        live_update
     fi
     kill $W 2>/dev/null
     # Destroy: @releaseDomain must fire and the guest's nodes must be gone.

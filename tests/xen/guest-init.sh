@@ -35,12 +35,23 @@ while ! grep -q to-guest /tmp/w && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); d
 grep -q to-guest /tmp/w || errors="$errors no-initial-watch-event"
 xenstore-write data/guest-up "domid=$domid name=$name"
 echo "guest: announced, waiting for dom0"
-i=0
-while [ "$(grep -c to-guest /tmp/w)" -lt 2 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-token=$(xenstore-read data/to-guest 2>&1)
-echo "guest: watch fired: $(tail -n 1 /tmp/w) value=$token"
-if [ -z "$errors" ]; then result="ok domid=$domid"; else result="FAIL$errors"; fi
-xenstore-write data/result "$result"
-xenstore-write data/from-guest "pong:$token"
-echo "guest: result $result"
-while true; do sleep 3600; done
+# Answer every change of data/to-guest (the first one also carries our results).
+seen=1
+first=1
+while true; do
+    c=$(grep -c to-guest /tmp/w)
+    if [ "$c" -gt "$seen" ]; then
+        seen=$c
+        token=$(xenstore-read data/to-guest 2>&1)
+        echo "guest: watch fired ($c): $(tail -n 1 /tmp/w) value=$token"
+        if [ -n "$first" ]; then
+            if [ -z "$errors" ]; then result="ok domid=$domid"; else result="FAIL$errors"; fi
+            xenstore-write data/result "$result"
+            echo "guest: result $result"
+            first=""
+        fi
+        xenstore-write data/from-guest "pong:$token"
+        echo "guest: answered pong:$token (exit $?)"
+    fi
+    sleep 0.1
+done

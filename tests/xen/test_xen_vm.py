@@ -24,8 +24,8 @@ pytestmark = [
 ]
 
 
-def test_real_xen_pv_and_pvh_guests(capsys: pytest.CaptureFixture[str]) -> None:
-    cmd = [sys.executable, str(HERE / "xenvm.py"), "--guests", "pv,pvh"]
+def test_real_xen_pv_pvh_guests_and_live_update(capsys: pytest.CaptureFixture[str]) -> None:
+    cmd = [sys.executable, str(HERE / "xenvm.py"), "--guests", "pv,pvh", "--live-update"]
     r = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=1200)
     summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("xenvm: stage", "XENVM"))]

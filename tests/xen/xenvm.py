@@ -66,6 +66,7 @@ DOM0_TOOLS = [
     f"{XEN_BIN}/xen-init-dom0",
     f"{XEN_BIN}/xenstored",
     f"{XEN_BIN}/xenconsoled",
+    f"{XEN_BIN}/xenstore-control",
 ]
 XENSTORE_TOOLS = ["xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-list", "xenstore-rm",
                   "xenstore-exists", "xenstore-watch", "xenstore-chmod"]
@@ -406,7 +407,8 @@ STAGE_RE = re.compile(r"^XSVM STAGE (\S+) (ok|FAIL) ?(.*?) t=([\d.]+)$")
 VERDICT_RE = re.compile(r"^XSVM VERDICT (PASS|FAIL) ?(.*?) t=([\d.]+)$")
 
 
-def report(res: Result, console_log: Path, guests: list[str], daemon: str) -> tuple[bool, str]:
+def report(res: Result, console_log: Path, guests: list[str], daemon: str,
+           live_update: bool = False) -> tuple[bool, str]:
     rows: list[tuple[str, float, str, str]] = []
     for name, rx in MILESTONES:
         ln = next((ln for ln in res.lines if rx.search(ln.text)), None)
@@ -428,6 +430,8 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str) -> tu
         prev = t
     expected = ["xenstored", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
                                                   for s in ("guest-up", "watch-roundtrip", "destroy")]
+    if live_update:
+        expected += ["live-update", "lu-socket", "lu-dom0-xenbus", "lu-guest-roundtrip"]
     missing = [s for s in expected if s not in stages]
     startup = stages.get("xenstored", ("", ""))[1]
     if verdict and verdict[0] == "PASS" and not missing:
@@ -459,8 +463,8 @@ def print_excerpts(res: Result) -> None:
         if t.startswith("XSVM-DUMP-END"):
             inside = False
     xen = [t for t in texts if t.startswith("(XEN)")]
-    print("xenvm: ---- Xen console (last 40 lines) ----")
-    print("\n".join(xen[-40:]))
+    print("xenvm: ---- Xen console (last 80 lines) ----")
+    print("\n".join(xen[-80:]))
     print("xenvm: ---- dom0 console (last 60 lines) ----")
     print("\n".join(plain[-60:]))
     if dumps:
@@ -471,7 +475,8 @@ def print_excerpts(res: Result) -> None:
 
 # ----------------------------------------------------------------------------- main
 def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Path = DEFAULT_CACHE,
-        keep: bool = False, echo: bool = False, probe: str | None = None) -> tuple[bool, str]:
+        keep: bool = False, echo: bool = False, probe: str | None = None,
+        live_update: bool = False) -> tuple[bool, str]:
     t0 = time.monotonic()
     qemu = ensure_qemu()
     root = fetch(cache)
@@ -484,6 +489,7 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_GUEST_KERNEL": f"/host{root / 'boot' / 'vmlinux-guest'}",
         "XSVM_VERBOSE": "1" if keep else "",
         "XSVM_PROBE": str(Path(probe).resolve()) if probe else "",
+        "XSVM_LIVE_UPDATE": "1" if live_update else "",
     }
     work = Path(tempfile.mkdtemp(prefix="xenvm-"))
     try:
@@ -493,7 +499,7 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
             f"(dom0 initramfs {dom0.stat().st_size >> 20} MiB); booting, timeout {timeout:.0f}s")
         console_log = work / "console.log"
         res = boot(qemu, root, dom0, timeout, console_log, echo)
-        ok, line = report(res, console_log, guests, daemon)
+        ok, line = report(res, console_log, guests, daemon, live_update)
         if not ok or keep:
             keep_dir = cache / "last-failure" if not ok else cache / "last-run"
             shutil.rmtree(keep_dir, ignore_errors=True)
@@ -516,12 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--echo", action="store_true", help="print the console as it arrives")
     p.add_argument("--probe", metavar="FILE",
                    help="a Python script to run in dom0 (host's python3, chrooted) before the daemon")
+    p.add_argument("--live-update", action="store_true",
+                   help="live-update the daemon (xenstore-control) while the first guest runs")
     a = p.parse_args(argv)
     guests = [g for g in a.guests.split(",") if g]
     if any(g not in ("pv", "pvh") for g in guests):
         p.error("guests are pv and/or pvh")
     try:
-        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo, a.probe)
+        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo, a.probe, a.live_update)
     except EnvError as e:
         print(f"XENVM SKIP: {e}", flush=True)
         return 2
