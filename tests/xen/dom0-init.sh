@@ -30,6 +30,7 @@ dump() {  # dump <label> <file>: a bounded excerpt, framed so the host can find 
 }
 
 finish() {
+    mark "PLATFORM dom0-segfaults=$(dmesg | grep -c segfault)"
     if [ -n "$FAILED" ]; then
         mark "VERDICT FAIL $FAILED"
         dump xenstored /run/xenstored.log 80
@@ -127,23 +128,28 @@ wait_for() {
     return 1
 }
 
-count() { grep -c "$2" "$1" 2>/dev/null; }
+count() {  # count <file> <pattern>: matching lines, -1 if grep itself failed (see README)
+    n=$(grep -c "$2" "$1" 2>/dev/null)
+    case "$n" in '' | *[!0-9]*) echo -1 ;; *) echo "$n" ;; esac
+}
 
 xen_state() {  # Xen's view (event channels, vcpus' pending upcalls) into the Xen console
     xl debug-keys e; xl debug-keys q; sleep 1
 }
 
 roundtrip() {  # roundtrip <stage>: dom0 writes data/to-guest, the guest's watch answers
-    before=$(count /tmp/w-$g.log "^$dp/data/from-guest")
+    before=-1
+    while [ "$before" -lt 0 ]; do before=$(count /tmp/w-$g.log "^$dp/data/from-guest"); done
     token="ping-$1-$$-$(now)"
     ta=$(now)
     xenstore-write $dp/data/to-guest "$token"
-    i=0
-    while [ "$(count /tmp/w-$g.log "^$dp/data/from-guest")" -le "$before" ] && [ $i -lt 300 ]; do
+    i=0; got=""
+    while [ $i -lt 300 ]; do
+        [ "$(count /tmp/w-$g.log "^$dp/data/from-guest")" -gt "$before" ] && { got=1; break; }
         sleep 0.1; i=$((i + 1))
     done
     tb=$(now)
-    if [ "$(count /tmp/w-$g.log "^$dp/data/from-guest")" -le "$before" ]; then
+    if [ -z "$got" ]; then
         fail "$1" "no from-guest event"; xen_state; return
     fi
     v=$(xenstore-read $dp/data/from-guest)
@@ -202,6 +208,14 @@ run_guest() {  # run_guest pv|pvh
         r=$(xenstore-read $dp/data/result 2>&1)
         case "$r" in ok*) ok "$g-guest-checks" "$r" ;; *) fail "$g-guest-checks" "$r" ;; esac
     fi
+    if [ -n "$XSVM_STRESS" ]; then  # --stress N: spawn N processes in dom0 while the guest runs
+        ta=$(now); bad=0; i=0
+        while [ $i -lt "$XSVM_STRESS" ]; do
+            [ "$(grep -c XSVM /etc/xsvm.conf)" -gt 0 ] || bad=$((bad + 1)); i=$((i + 1))
+        done
+        segv=$(dmesg | grep -c segfault)
+        ok "$g-stress" "$XSVM_STRESS spawns in $(awk "BEGIN{print $(now) - $ta}")s: $bad failed, $segv segfaults in dmesg"
+    fi
     if [ -z "$FAILED" ] && [ -n "$XSVM_LIVE_UPDATE" ] && [ "$g" = "${XSVM_GUESTS%% *}" ]; then
         live_update
     fi
@@ -212,13 +226,14 @@ run_guest() {  # run_guest pv|pvh
     wait_for /tmp/rel-$g.log "@releaseDomain" 10
     ta=$(now)
     timeout 60 xl destroy $D || fail "$g-destroy" "xl destroy exit $?"
-    i=0
-    while [ "$(grep -c @releaseDomain /tmp/rel-$g.log)" -lt 2 ] && [ $i -lt 300 ]; do
+    i=0; got=""
+    while [ $i -lt 300 ]; do
+        [ "$(count /tmp/rel-$g.log @releaseDomain)" -ge 2 ] && { got=1; break; }
         sleep 0.1; i=$((i + 1))
     done
     tb=$(now)
     kill $R 2>/dev/null
-    if [ "$(grep -c @releaseDomain /tmp/rel-$g.log)" -ge 2 ]; then
+    if [ -n "$got" ]; then
         if xenstore-exists $dp 2>/dev/null; then
             fail "$g-destroy" "$dp still exists"
         else

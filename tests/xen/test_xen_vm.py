@@ -28,7 +28,7 @@ def test_real_xen_pv_pvh_guests_and_live_update(capsys: pytest.CaptureFixture[st
     cmd = [sys.executable, str(HERE / "xenvm.py"), "--guests", "pv,pvh", "--live-update"]
     r = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=1200)
-    summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("xenvm: stage", "XENVM"))]
+    summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("xenvm: stage", "xenvm: attempt", "XENVM"))]
     with capsys.disabled():
         print("\n" + "\n".join(summary), flush=True)
     # Exit 2 means the machine cannot run it (no apt, not root...): with XS_XENVM=1 that is a

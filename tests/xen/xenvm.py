@@ -73,6 +73,7 @@ XENSTORE_TOOLS = ["xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-li
 MODULES = ["xen-evtchn", "xen-gntdev", "xen-privcmd", "xenfs", "9p", "9pnet_virtio", "virtio_pci"]
 LIBDIRS = ["usr/lib/x86_64-linux-gnu", f"usr/lib/xen-{XEN_VERSION}/lib/x86_64-linux-gnu"]
 
+CPU = "max,smap=off"  # SMAP: QEMU TCG's emulation does not match what Xen expects (dom0 dies)
 DEFAULT_CACHE = Path(os.environ.get("XS_XENVM_CACHE") or Path.home() / ".cache" / "xenstored-xenvm")
 
 
@@ -346,10 +347,10 @@ def boot(qemu: str, root: Path, dom0_cpio: Path, timeout: float, console_log: Pa
     xen = root / "boot" / "xen"
     vmlinuz = next((root / "boot").glob("vmlinuz-*"))
     xen_args = ("console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1 "
-                "loglvl=all guest_loglvl=all smap=0")
+                "loglvl=all guest_loglvl=all smap=0 " + os.environ.get("XS_XENVM_XEN_ARGS", ""))
     cmd = [
         "timeout", "-k", "5", str(int(timeout) + 10),
-        qemu, "-machine", "pc", "-accel", "tcg", "-cpu", "max,smap=off", "-m", "2048", "-smp", "1",
+        qemu, "-machine", "pc", "-accel", "tcg", "-cpu", os.environ.get("XS_XENVM_CPU") or CPU, "-m", "2048", "-smp", "1",
         "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
         "-net", "none",
         "-virtfs", "local,path=/,mount_tag=host,security_model=none,multidevs=remap,readonly=on",
@@ -448,6 +449,20 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
     return False, f"XENVM FAIL: daemon={daemon} guests={','.join(guests)}: {why} (console: {console_log})"
 
 
+# Processes that crash for no reason of their own: under QEMU TCG (QEMU 7.2, Xen 4.17 PV dom0 on
+# an emulated AMD CPU) a dom0 process occasionally faults on a wild pointer right after exec
+# (seen in busybox's malloc and TLS accesses, once as an xl assertion), about once in 5-10 runs,
+# always while a guest is running.  Such a run says nothing about the daemon; it is retried.
+PLATFORM_RE = re.compile(
+    r"segfault at [0-9a-f]+ ip|^Segmentation fault$|^Aborted$|^Illegal instruction$|"
+    r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]"
+)
+
+
+def platform_crashes(res: Result) -> list[str]:
+    return [ln.text for ln in res.lines if not ln.text.startswith("(XEN)") and PLATFORM_RE.search(ln.text)]
+
+
 def print_excerpts(res: Result) -> None:
     texts = [ln.text for ln in res.lines]
     dumps: list[str] = []
@@ -476,7 +491,7 @@ def print_excerpts(res: Result) -> None:
 # ----------------------------------------------------------------------------- main
 def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Path = DEFAULT_CACHE,
         keep: bool = False, echo: bool = False, probe: str | None = None,
-        live_update: bool = False) -> tuple[bool, str]:
+        live_update: bool = False, retries: int = 1) -> tuple[bool, str]:
     t0 = time.monotonic()
     qemu = ensure_qemu()
     root = fetch(cache)
@@ -490,6 +505,8 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_VERBOSE": "1" if keep else "",
         "XSVM_PROBE": str(Path(probe).resolve()) if probe else "",
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
+        "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
+        "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
     }
     work = Path(tempfile.mkdtemp(prefix="xenvm-"))
     try:
@@ -498,8 +515,19 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         log(f"images built in {time.monotonic() - t0:.1f}s "
             f"(dom0 initramfs {dom0.stat().st_size >> 20} MiB); booting, timeout {timeout:.0f}s")
         console_log = work / "console.log"
-        res = boot(qemu, root, dom0, timeout, console_log, echo)
-        ok, line = report(res, console_log, guests, daemon, live_update)
+        notes: list[str] = []
+        for attempt in range(1, retries + 2):
+            res = boot(qemu, root, dom0, timeout, console_log, echo)
+            ok, line = report(res, console_log, guests, daemon, live_update)
+            crashes = platform_crashes(res)
+            if ok or not crashes or attempt > retries:
+                break
+            notes.append(f"attempt {attempt} lost to a platform crash ({crashes[0]!r})")
+            log(f"{line}\nxenvm: attempt {attempt} failed with a crash outside the daemon "
+                f"({'; '.join(crashes[:3])}); retrying")
+            shutil.copy(console_log, work / f"console-attempt{attempt}.log")
+        if notes:
+            line += " [" + "; ".join(notes) + "]"
         if not ok or keep:
             keep_dir = cache / "last-failure" if not ok else cache / "last-run"
             shutil.rmtree(keep_dir, ignore_errors=True)
@@ -524,12 +552,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="a Python script to run in dom0 (host's python3, chrooted) before the daemon")
     p.add_argument("--live-update", action="store_true",
                    help="live-update the daemon (xenstore-control) while the first guest runs")
+    p.add_argument("--retries", type=int, default=int(os.environ.get("XS_XENVM_RETRIES", "1")),
+                   help="boots to retry when a run fails because a process outside the daemon "
+                        "crashed (QEMU TCG flakiness, see README); default 1")
     a = p.parse_args(argv)
     guests = [g for g in a.guests.split(",") if g]
     if any(g not in ("pv", "pvh") for g in guests):
         p.error("guests are pv and/or pvh")
     try:
-        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo, a.probe, a.live_update)
+        ok, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo, a.probe, a.live_update,
+                       a.retries)
     except EnvError as e:
         print(f"XENVM SKIP: {e}", flush=True)
         return 2
