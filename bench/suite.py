@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -35,6 +36,7 @@ DESCRIPTIONS: dict[str, str] = {
     "write_us_10kwatch": "WRITE latency, 10,000 unrelated watches (µs)",
     "w10k_over_none": "10k watches / none WRITE latency (own ratio)",
     "fanout100_events_s": "events delivered, 100 watchers of the written path (events/s)",
+    "fanout100_delivered": "fraction of those events delivered (C drops unread ones)",
     "tx_commits_s": "transactions, 8 clients: committed/s",
     "tx_eagain_per_commit": "transactions, 8 clients: EAGAIN per commit",
     "vm_seq_s": "VM lifecycle x200, sequential (s)",
@@ -221,6 +223,10 @@ def medians(raw: dict[str, dict[str, list[dict[str, float]]]]) -> Medians:
     return out
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description="XenStore daemon performance suite")
     p.add_argument("--quick", action="store_true", help="fewer rounds and samples (under a minute)")
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="PATH", help="write the result tables here")
     args = p.parse_args(argv)
 
+    # SIGTERM (e.g. from `timeout`) unwinds like ^C, so the daemons we started are stopped.
+    signal.signal(signal.SIGTERM, _terminate)
     names = args.only.split(",") if args.only else list(WORKLOADS)
     for n in names:
         if n not in WORKLOADS:

@@ -186,40 +186,40 @@ def _fan_worker(arg: tuple[str, str, int, int, int], ready: Callable[[], None]) 
     for i, c in enumerate(conns):
         c.call(WATCH, z(wpath, f"tok{i}"))
         c.drain_events(1)  # the initial event
-    counts = {c.sock.fileno(): 0 for c in conns}
     byfd = {c.sock.fileno(): c for c in conns}
     sel = selectors.DefaultSelector()
     for c in conns:
         sel.register(c.sock, selectors.EVENT_READ)
     ready()
-    t0 = perf()
-    left = len(conns)
-    while left:
-        for key, _ in sel.select(10):
-            fd = key.fd
-            c = byfd[fd]
+    t0 = t1 = perf()
+    received = 0
+    expected = writes * len(conns)
+    # C xenstored drops events beyond a few dozen unread per connection, so "all arrived" may
+    # never happen: stop at the expected count or after a quiet spell once something arrived.
+    while received < expected:
+        ready_keys = sel.select(0.5 if received else 30)
+        if not ready_keys:
+            break
+        for key, _ in ready_keys:
+            c = byfd[key.fd]
             data = c.sock.recv(1 << 20)
             if not data:
                 raise ConnectionError("daemon closed a watcher")
             buf = c.buf
             buf += data
-            pos, n, got = 0, len(buf), 0
+            pos, n = 0, len(buf)
             while n - pos >= 16:
                 type_, _r, _t, length = HEADER.unpack_from(buf, pos)
                 if pos + 16 + length > n:
                     break
                 if type_ == WATCH_EVENT:
-                    got += 1
+                    received += 1
                 pos += 16 + length
             del buf[:pos]
-            before = counts[fd]
-            counts[fd] = before + got
-            if before < writes <= counts[fd]:
-                left -= 1
-    t1 = perf()
+        t1 = perf()
     for c in conns:
         c.close()
-    return {"t0": t0, "t1": t1}
+    return {"t0": t0, "t1": t1, "received": received, "expected": expected}
 
 
 def w_watches(d: Daemon, size: Size, rnd: int) -> Metrics:
@@ -233,7 +233,6 @@ def w_watches(d: Daemon, size: Size, rnd: int) -> Metrics:
         per = size.unrelated_watches // len(holders)
         for h, hc in enumerate(holders):
             hc.pipeline([frame(WATCH, z(f"/bench/unrelated/h{h}/p{i}", f"t{i}")) for i in range(per)], 64)
-            hc.drain_events(per)
         seq_us(c, writes[:200])
         many = seq_us(c, writes)
         for hc in holders:
@@ -247,7 +246,9 @@ def w_watches(d: Daemon, size: Size, rnd: int) -> Metrics:
     res = run_workers(_fan_worker, args)
     t0 = res[0]["t0"]
     t1 = max(r["t1"] for r in res)
-    out["fanout100_events_s"] = nw * size.fanout_writes / (t1 - t0)
+    received = sum(r.get("received", 0) for r in res[1:])
+    out["fanout100_events_s"] = received / (t1 - t0)
+    out["fanout100_delivered"] = received / (nw * size.fanout_writes)
     return out
 
 
