@@ -67,7 +67,7 @@ class Size:
             return cls(quick=False)
         return cls(
             quick=True, seq=1500, pipe=12000, idle_reads=1000, watch_writes=800, fanout_writes=100,
-            tx_per_client=40, vms=200, lat_samples=2000, guest_reads=600, guest_reads_each=30,
+            tx_per_client=40, vms=100, lat_samples=2000, guest_reads=600, guest_reads_each=30,
             testxs_iters=200,
         )
 
