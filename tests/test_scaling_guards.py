@@ -1,0 +1,246 @@
+"""Guards against per-request work that scans all connections, all watches or all nodes.
+
+These count operations, not time, so they are deterministic on a loaded machine.  Each guard runs
+the same request against a small daemon core and a large one (10,000 nodes, watches or
+connections) and asserts that the request touches exactly as many entries in both: per-request
+work must be O(1) in those sizes (O(depth) in the path, which is the same in both cores).
+
+The counting works by swapping the core's own containers for dict subclasses that count every
+lookup and fail on any full iteration while armed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.sansio import Peer, make_core
+from xenstored.connection import Connection
+from xenstored.core import Core
+from xenstored.wire import Op
+
+BIG = 10_000
+SMALL = 10
+
+
+class ScanError(AssertionError):
+    pass
+
+
+class CountingDict(dict):  # type: ignore[type-arg]
+    """A dict that counts keyed access and refuses whole-container scans while ``armed``."""
+
+    def __init__(self, name: str, src: dict[Any, Any], counter: Counter[str], violations: list[str]) -> None:
+        super().__init__(src)
+        self.name = name
+        self.counter = counter
+        self.violations = violations
+        self.armed = False
+
+    def _hit(self) -> None:
+        if self.armed:
+            self.counter[self.name] += 1
+
+    def _scan(self, how: str) -> None:
+        if self.armed:
+            # Recorded as well as raised: the dispatcher turns exceptions into an EIO reply.
+            msg = f"{self.name}: {how} over all {len(self)} entries during one request"
+            self.violations.append(msg)
+            raise ScanError(msg)
+
+    def __getitem__(self, k: Any) -> Any:
+        self._hit()
+        return super().__getitem__(k)
+
+    def get(self, k: Any, default: Any = None) -> Any:
+        self._hit()
+        return super().get(k, default)
+
+    def __contains__(self, k: object) -> bool:
+        self._hit()
+        return super().__contains__(k)
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        self._hit()
+        super().__setitem__(k, v)
+
+    def __delitem__(self, k: Any) -> None:
+        self._hit()
+        super().__delitem__(k)
+
+    def pop(self, k: Any, *default: Any) -> Any:
+        self._hit()
+        return super().pop(k, *default)
+
+    def setdefault(self, k: Any, default: Any = None) -> Any:
+        self._hit()
+        return super().setdefault(k, default)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._scan("iteration")
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._scan("keys()")
+        return super().keys()
+
+    def values(self) -> Any:
+        self._scan("values()")
+        return super().values()
+
+    def items(self) -> Any:
+        self._scan("items()")
+        return super().items()
+
+
+class Probe:
+    """Instruments one core: its node table, watch indexes and connection table."""
+
+    def __init__(self, core: Core) -> None:
+        self.counter: Counter[str] = Counter()
+        self.violations: list[str] = []
+        self.dicts: list[CountingDict] = []
+        store, watches = core.store, core.watches
+        store._versions = self._wrap("store._versions", store._versions)
+        watches._by_path = self._wrap("watches._by_path", watches._by_path)
+        watches._by_owner = self._wrap("watches._by_owner", watches._by_owner)
+        core.connections = self._wrap("core.connections", core.connections)
+        self._events = 0
+        self._orig_event = Connection.event
+
+    def _wrap(self, name: str, d: dict[Any, Any]) -> CountingDict:
+        cd = CountingDict(name, d, self.counter, self.violations)
+        self.dicts.append(cd)
+        return cd
+
+    def measure(self, fn: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+        """Counts of keyed accesses (and Connection.event calls) made by ``fn``."""
+        self.counter.clear()
+        orig = self._orig_event
+        counter = self.counter
+
+        def counting_event(conn: Connection, path: str, token: str) -> None:
+            counter["Connection.event"] += 1
+            orig(conn, path, token)
+
+        with monkeypatch.context() as m:
+            m.setattr(Connection, "event", counting_event)
+            for d in self.dicts:
+                d.armed = True
+            try:
+                fn()
+            except AssertionError:
+                if not self.violations:
+                    raise
+            finally:
+                for d in self.dicts:
+                    d.armed = False
+        if self.violations:
+            raise ScanError("; ".join(self.violations))
+        return Counter(self.counter)
+
+
+def _domain_tree(peer: Peer, domains: int, per: int = 10) -> None:
+    for d in range(domains):
+        for j in range(per - 1):
+            peer.write(f"/local/domain/{d + 1}/n{j}", "v")
+
+
+def _core_with_nodes(n: int) -> tuple[Core, Peer]:
+    core = make_core()
+    p = Peer(core)
+    _domain_tree(p, n // 10)
+    p.write("/bench/target/x", "value")
+    return core, p
+
+
+def _core_with_watches(n: int) -> tuple[Core, Peer]:
+    core = make_core()
+    p = Peer(core)
+    holders = [Peer(core) for _ in range(10)]
+    for i in range(n):
+        holders[i % 10].watch(f"/unrelated/h{i % 10}/p{i}", f"t{i}")
+    for h in holders:
+        h.drain()
+    p.write("/bench/target/x", "value")
+    return core, p
+
+
+def _core_with_connections(n: int) -> tuple[Core, Peer]:
+    core = make_core()
+    p = Peer(core)
+    others = [Peer(core) for _ in range(n)]
+    for o in others[:: max(1, n // 10)]:
+        o.read("/tool/xenstored")
+    p.write("/bench/target/x", "value")
+    return core, p
+
+
+REQUESTS: dict[str, Callable[[Peer], object]] = {
+    "read": lambda p: p.read("/bench/target/x"),
+    "write": lambda p: p.write("/bench/target/x", "new"),
+    "create": lambda p: p.write("/bench/target/new", "v"),
+    "directory": lambda p: p.ls("/bench/target"),
+    "get_perms": lambda p: p.getperms("/bench/target/x"),
+    "rm": lambda p: p.rm("/bench/target/x"),
+    "transaction": lambda p: p.end(_tx_write(p)),
+    "watch": lambda p: (p.watch("/bench/target", "tok"), p.drain()),
+}
+
+
+def _tx_write(p: Peer) -> int:
+    tx = p.start()
+    p.read("/bench/target/x", tx)
+    p.write("/bench/target/y", "v", tx)
+    return tx
+
+
+BUILDERS = {"nodes": _core_with_nodes, "watches": _core_with_watches, "connections": _core_with_connections}
+
+
+@pytest.mark.parametrize("what", list(BUILDERS))
+@pytest.mark.parametrize("request_name", list(REQUESTS))
+def test_request_work_independent_of_size(what: str, request_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request touches as many entries with 10,000 nodes/watches/connections as with 10."""
+    req = REQUESTS[request_name]
+    counts = []
+    for n in (SMALL, BIG):
+        core, peer = BUILDERS[what](n)
+        probe = Probe(core)
+        counts.append(probe.measure(lambda peer=peer: req(peer), monkeypatch))
+    small, big = counts
+    assert big == small, f"{request_name} with {BIG} {what}: {dict(big)} vs {SMALL}: {dict(small)}"
+
+
+def test_unrelated_watches_fire_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 watches elsewhere: a write queues no events and looks up only its ancestors."""
+    core, peer = _core_with_watches(BIG)
+    probe = Probe(core)
+    counts = probe.measure(lambda: peer.write("/bench/target/x", "again"), monkeypatch)
+    assert counts["Connection.event"] == 0
+    # /bench/target/x, /bench/target, /bench and /: one lookup each, whatever the registry size.
+    assert counts["watches._by_path"] <= 4, counts
+
+
+def test_fan_out_touches_only_watchers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 10,000 idle connections and 100 watchers, a write queues exactly 100 events."""
+    core, peer = _core_with_connections(BIG)
+    watchers = [Peer(core) for _ in range(100)]
+    for i, w in enumerate(watchers):
+        w.watch("/bench/target", f"w{i}")
+        w.drain()
+    probe = Probe(core)
+    counts = probe.measure(lambda: peer.write("/bench/target/x", "fan"), monkeypatch)
+    assert counts["Connection.event"] == 100
+    assert counts["core.connections"] == 0, counts
+
+
+def test_transaction_start_copies_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRANSACTION_START is O(1): it reads no node at all, however big the store."""
+    core, peer = _core_with_nodes(BIG)
+    probe = Probe(core)
+    counts = probe.measure(lambda: peer.call(Op.TRANSACTION_START, b"\0"), monkeypatch)
+    assert counts["store._versions"] == 0, counts
