@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 
-from conftest import start_daemon, stop_daemon_process
+from conftest import _clean_env, _wait_accepting, start_daemon, stop_daemon_process
 from test_domains import introduce
 
 from xenstored import guest as guestlib
+from xenstored import migration
 from xenstored.client import SyncClient
 
 
@@ -77,3 +81,52 @@ def test_kill_9_loses_at_most_one_interval_and_never_corrupts():
     finally:
         stop_daemon_process(d.proc)
         shutil.rmtree(d.rundir, ignore_errors=True)
+
+
+def test_full_disk_while_persisting_keeps_serving_and_the_last_good_state():
+    """The file size limit stands in for a full disk: snapshots fail with EFBIG, the daemon logs
+    it and keeps serving, and the state file on disk stays the last complete one."""
+    rundir = tempfile.mkdtemp(prefix="xs", dir="/tmp")
+    sock = os.path.join(rundir, "socket")
+    log_path = os.path.join(rundir, "daemon.log")
+    limit = 64 * 1024
+    # The daemon sets its own file size limit before starting (no preexec_fn in a threaded test).
+    boot = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "sys.argv = ['xenstored', *sys.argv[1:]]; runpy.run_module('xenstored', run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", boot, "-N", "--rundir", rundir, "--persistent",
+            "--persistent-interval", "0.1", "--log-level", "warning"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_accepting(sock, proc, log_path)
+        d0 = SyncClient(sock)
+        d0.write("/small", "fits")
+        time.sleep(0.5)
+        state = os.path.join(rundir, "xenstored.state")
+        for i in range(100):  # ~100 KiB of values: the next snapshot cannot be written
+            d0.write(f"/big/n{i}", "x" * 1000)
+        time.sleep(0.6)
+        with open(log_path) as f:
+            assert "cannot write" in f.read()
+        with open(state, "rb") as f:  # the last snapshot that fitted, complete: never a torn file
+            saved = {n.path for n in migration.decode(f.read()).nodes}
+        assert "/small" in saved and "/big/n99" not in saved
+        assert not [f for f in os.listdir(rundir) if ".tmp" in f]  # no leftovers either
+        assert d0.read("/big/n99") == b"x" * 1000  # still serving
+        d0.rm("/big")
+        d0.write("/after", "ok")
+        time.sleep(0.6)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        d2 = start_daemon("--persistent", rundir=rundir)
+        try:
+            c = SyncClient(d2.socket)
+            assert c.read("/after") == b"ok" and c.read("/small") == b"fits"
+        finally:
+            stop_daemon_process(d2.proc)
+    finally:
+        stop_daemon_process(proc)
+        shutil.rmtree(rundir, ignore_errors=True)
