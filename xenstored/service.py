@@ -29,7 +29,7 @@ from .config import Config
 from .connection import Connection
 from .core import Core
 from .domains import DomainManager
-from .server import make_listening_socket, run_stream_connection, serve_domains, serve_listener
+from .server import make_listening_socket, run_socket_connection, serve_domains, serve_listener
 from .wire import Message, Op, encode
 
 log = logging.getLogger("xenstored")
@@ -117,16 +117,15 @@ class Service:
                 self._nursery = nursery
                 await nursery.start(serve_domains, self.manager)
                 if self._listen_fd >= 0:
-                    sock = trio.socket.from_stdlib_socket(pysocket.socket(fileno=self._listen_fd))
+                    sock = pysocket.socket(fileno=self._listen_fd)
                 else:
                     sock = make_listening_socket(cfg.socket)
                 self._listen_fd = sock.fileno()
                 await nursery.start(serve_listener, self.core, sock)
                 for conn_id, fd in self._restored_sockets:
                     conn = self.core.connections[conn_id]
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(pysocket.socket(fileno=fd)))
                     self.core.socket_fds[conn_id] = fd
-                    nursery.start_soon(run_stream_connection, conn, stream)
+                    nursery.start_soon(run_socket_connection, conn, pysocket.socket(fileno=fd))
                 if cfg.persistent and cfg.persistent_interval > 0:
                     nursery.start_soon(self._persist_loop)
                 log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
