@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from .paths import ROOT, ancestors, depth_below
+from .paths import ROOT, depth_below
 from .wire import XsError
 
 
@@ -97,13 +97,19 @@ class WatchRegistry:
         if exact:
             return list(by_path.get(path, ()))
         out: list[Watch] = []
-        for anc in ancestors(path):
+        if not by_path:
+            return out
+        anc = path
+        while True:  # the path, then each ancestor up to '/': one dict lookup per level
             lst = by_path.get(anc)
             if lst:
                 for w in lst:
                     if w.depth is None or depth_below(path, anc) <= w.depth:
                         out.append(w)
-        return out
+            if anc == ROOT:
+                return out
+            cut = anc.rfind("/")
+            anc = anc[:cut] if cut > 0 else ROOT
 
     def matching_special(self, name: str, domid: int | None) -> list[tuple[Watch, str]]:
         """Watches for ``@introduceDomain``/``@releaseDomain`` and the event path each gets.
