@@ -84,12 +84,40 @@ def _int(tok: str) -> int | None:
 
 
 class _Port:
-    __slots__ = ("addr", "domid", "rport")
+    __slots__ = ("addr", "domid", "msg", "rport", "sock")
 
     def __init__(self, domid: int, rport: int, addr: str) -> None:
         self.domid = domid
         self.rport = rport
         self.addr = addr
+        self.msg = b"notify %d" % rport
+        # Connected once, then plain send(): resolving the path on every kick costs more than the
+        # rest of a ring round trip.
+        self.sock: socket.socket | None = None
+
+    def kick(self) -> None:
+        for _attempt in (0, 1):
+            try:
+                if self.sock is None:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+                    try:
+                        s.connect(self.addr)
+                    except OSError:
+                        s.close()
+                        return  # nobody listening (yet): the guest polls its ring anyway
+                    self.sock = s
+                self.sock.send(self.msg)
+                return
+            except BlockingIOError:
+                return  # its queue is full: it has kicks to read anyway
+            except OSError:
+                # The guest re-bound its socket (a new endpoint at the same path): reconnect once.
+                self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 class EmulatedHypervisor(Hypervisor):
@@ -241,16 +269,14 @@ class EmulatedHypervisor(Hypervisor):
         raise XsError("ENOSPC", "no free event channel port")
 
     def unbind(self, local_port: int) -> None:
-        self._ports.pop(local_port, None)
+        port = self._ports.pop(local_port, None)
+        if port is not None:
+            port.close()
 
     def notify(self, local_port: int) -> None:
         port = self._ports.get(local_port)
-        if port is None:
-            return
-        try:
-            self._sock.sendto(b"notify %d" % port.rport, socket.MSG_DONTWAIT, port.addr)
-        except OSError:
-            pass  # nobody listening, or its queue is full and it has kicks to read anyway
+        if port is not None:
+            port.kick()
 
     def bound_ports(self) -> dict[int, tuple[int, int]]:
         """local port -> (domid, remote port), for state dumps and tests."""
@@ -367,6 +393,8 @@ class EmulatedHypervisor(Hypervisor):
     def close(self) -> None:
         for domid in list(self._maps):
             self.unmap_ring(domid)
+        for port in self._ports.values():
+            port.close()
         if self._sock.fileno() >= 0:
             self._sock.close()
             try:
