@@ -141,6 +141,9 @@ class EmulatedHypervisor(Hypervisor):
         for d in parse_domain_list(domains):
             self._flags[d] = _EXISTS
         self._ports: dict[int, _Port] = {}
+        # (domid, remote port) -> lowest local port bound to it: a kick costs one lookup, however
+        # many domains there are.
+        self._by_remote: dict[tuple[int, int], int] = {}
         # Port 1 is the VIRQ_DOM_EXC binding, as in a C xenstored under fakexen (it binds the VIRQ
         # before introducing dom0), so port numbers in replies match the oracle's.
         self.virq_port = 1
@@ -265,6 +268,7 @@ class EmulatedHypervisor(Hypervisor):
         for p in range(1, MAX_PORT):
             if p != self.virq_port and p not in self._ports:
                 self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
+                self._by_remote.setdefault((domid, remote_port), p)
                 return p
         raise XsError("ENOSPC", "no free event channel port")
 
@@ -272,6 +276,17 @@ class EmulatedHypervisor(Hypervisor):
         port = self._ports.pop(local_port, None)
         if port is not None:
             port.close()
+            if self._by_remote.get((port.domid, port.rport)) == local_port:
+                del self._by_remote[(port.domid, port.rport)]
+                for p, b in sorted(self._ports.items()):  # another binding of the same pair
+                    if (b.domid, b.rport) == (port.domid, port.rport):
+                        self._by_remote[(b.domid, b.rport)] = p
+                        break
+
+    def _first_port(self, domid: int) -> int | None:
+        """``notify <domid>`` without a port: the domain's lowest bound port (rare)."""
+        ports = [p for p, b in self._ports.items() if b.domid == domid]
+        return min(ports) if ports else None
 
     def notify(self, local_port: int) -> None:
         port = self._ports.get(local_port)
@@ -295,11 +310,10 @@ class EmulatedHypervisor(Hypervisor):
             rport = _int(argv[2]) if len(argv) > 2 else -1
             if rport is None:
                 return "err bad command", None, False
-            for p in sorted(self._ports):
-                b = self._ports[p]
-                if b.domid == domid and (rport < 0 or b.rport == rport):
-                    return f"ok notify {p}", p, False
-            return f"err no binding for dom{domid}", None, False
+            p = self._by_remote.get((domid, rport)) if rport >= 0 else self._first_port(domid)
+            if p is None:
+                return f"err no binding for dom{domid}", None, False
+            return f"ok notify {p}", p, False
         if cmd == "port" and domid is not None:
             if domid == self.virq_port:
                 return f"ok port {domid}", None, True
@@ -376,6 +390,8 @@ class EmulatedHypervisor(Hypervisor):
     ) -> None:
         task_status.started()
         while True:
+            # wait_readable is the loop's one scheduling point: another pass per batch would
+            # only add latency to every ring round trip.
             await trio.lowlevel.wait_readable(self._sock)
             kicked, virq, replies = self._drain()
             try:
@@ -388,7 +404,6 @@ class EmulatedHypervisor(Hypervisor):
                         await res
             finally:
                 self._send_replies(replies)
-            await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         for domid in list(self._maps):
