@@ -74,6 +74,7 @@ class DomainManager:
         self.hv = hv
         self.by_port: dict[int, Domain] = {}
         self._dirty: dict[int, Domain] = {}
+        self._pumping: Domain | None = None
         self.wakeup = lambda: None  # set by the edge: a connection has output to flush
         core.domain_ops = self
         core.hypervisor = hv
@@ -269,6 +270,8 @@ class DomainManager:
 
     # ------------------------------------------------------------------------- ring pumping
     def _mark(self, dom: Domain) -> None:
+        if dom is self._pumping:
+            return  # the running pump writes its own replies before it returns
         if dom.domid not in self._dirty:
             self._dirty[dom.domid] = dom
             self.wakeup()
@@ -305,6 +308,15 @@ class DomainManager:
         ring, conn = dom.ring, dom.conn
         if ring is None or conn is None or dom.ignored or conn.closed:
             return
+        outer, self._pumping = self._pumping, dom
+        try:
+            self._pump(dom, ring, conn)
+        finally:
+            self._pumping = outer
+        # Output left over means the ring is full: the guest's kick once it has read (or the
+        # periodic scan) brings us back; marking it dirty here would spin.
+
+    def _pump(self, dom: Domain, ring: Ring, conn: Connection) -> None:
         notify = False
         if not conn.privileged:
             conn.expire_events(self.core.config.watch_event_timeout)

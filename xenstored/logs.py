@@ -39,7 +39,7 @@ def setup(cfg: Config, *, foreground: bool) -> None:
     handler: logging.Handler
     if dest == "stderr":
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s xenstored[%(process)d] " + FORMAT))
+        handler.setFormatter(logging.Formatter("%(asctime)s xenstored[%(process)d] %(levelname)s %(name)s: %(message)s"))
     elif dest.startswith("syslog"):
         facility = dest.partition(":")[2] or "daemon"
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
