@@ -1,4 +1,4 @@
-"""Real Xen 4.17 under QEMU TCG: our daemon as dom0's system XenStore, with PV and PVH guests.
+"""Real Xen 4.17 under QEMU TCG: our daemon as dom0's system XenStore, PV and PVH guests, live update.
 
 Opt-in with XS_XENVM=1 (.ci/run sets it).  Everything happens in tests/xen/xenvm.py; this test
 runs it as a subprocess and shows its per-stage timings and verdict in the pytest output.
