@@ -6,11 +6,11 @@ snapshot; versions no open snapshot can see any more are reclaimed as the oldest
 
 Layout, chosen for memory (the store may hold 10^5 nodes):
 
-* ``_versions[path]`` is a bare :class:`Node` in the common case of one live version, or a list of
+* ``_versions[key]`` is a bare :class:`Node` in the common case of one live version, or a list of
   ``(generation, Node | None)`` pairs (oldest first, ``None`` = deleted) while older versions are
-  still visible to some snapshot.
-* ``_index`` is a sorted list of ``parent + "\\0" + name`` keys, one per path present in
-  ``_versions``.  NUL sorts below every path character, so the children of a node form one
+  still visible to some snapshot.  ``key`` is ``parent + "\\0" + name``.
+* ``_index`` is a sorted list of the same key strings (the very same objects: a path's characters
+  are stored once).  NUL sorts below every path character, so the children of a node form one
   contiguous run in byte order: DIRECTORY is a range scan, O(children), already sorted.
 """
 
@@ -67,8 +67,17 @@ _HI = "\x01"  # upper bound of a child-key range: just above the NUL separator
 
 
 def _key(path: str) -> str:
-    p = parent(path)
-    return p + "\0" + path[len(p) + (0 if p == ROOT else 1) :]
+    """``parent + NUL + name``: the one string a node is stored under, in both the version table
+    and the child index (so a path costs its characters once, not twice)."""
+    cut = path.rfind("/")
+    if cut <= 0:
+        return "/\0" + path[1:]
+    return path[:cut] + "\0" + path[cut + 1 :]
+
+
+def _path(key: str) -> str:
+    parent_path, _, name = key.partition("\0")
+    return "/" + name if parent_path == ROOT else parent_path + "/" + name
 
 
 class Store:
@@ -84,9 +93,10 @@ class Store:
         self.owned: dict[int, int] = {}
         # Approximate bytes of those nodes (path, value, permissions): the memory quota's share.
         self.owned_bytes: dict[int, int] = {}
-        self._versions[ROOT] = Node(b"", owner_only(0), 0, 0)
+        root = Node(b"", owner_only(0), 0, 0)
+        self._versions[_key(ROOT)] = root  # "/\0": never in the index, so no directory lists it
         self.owned[0] = 1
-        self.owned_bytes[0] = node_bytes(ROOT, self._versions[ROOT])  # type: ignore[arg-type]
+        self.owned_bytes[0] = node_bytes(ROOT, root)
 
     # ----------------------------------------------------------------------------- reading
     def __len__(self) -> int:
@@ -94,14 +104,17 @@ class Store:
 
     def get(self, path: str) -> Node | None:
         """Current committed node."""
-        v = self._versions.get(path)
+        v = self._versions.get(_key(path))
         if v is None or type(v) is Node:
             return v
         return v[-1][1]  # type: ignore[index]
 
     def get_at(self, path: str, snap: int) -> Node | None:
         """The node as a snapshot taken at generation ``snap`` sees it."""
-        v = self._versions.get(path)
+        return self._at(self._versions.get(_key(path)), snap)
+
+    @staticmethod
+    def _at(v: Node | list[Version] | None, snap: int) -> Node | None:
         if v is None:
             return None
         if type(v) is Node:
@@ -116,11 +129,15 @@ class Store:
         lo = path + "\0"
         start = len(lo)
         out: list[str] = []
-        getter = self.get if snap is None else (lambda p: self.get_at(p, snap))
+        versions = self._versions
         for key in self._index.irange(lo, path + _HI, inclusive=(True, False)):
-            name = key[start:]
-            if getter(join(path, name)) is not None:
-                out.append(name)
+            v = versions.get(key)
+            if snap is None:
+                present = v is not None and (type(v) is Node or v[-1][1] is not None)  # type: ignore[index]
+            else:
+                present = self._at(v, snap) is not None
+            if present:
+                out.append(key[start:])
         return out
 
     def walk(self, path: str = ROOT) -> Iterator[str]:
@@ -156,8 +173,8 @@ class Store:
         garbage = self._garbage
         versions = self._versions
         while garbage and garbage[0][0] <= horizon:
-            _, path = garbage.popleft()
-            v = versions.get(path)
+            _, key = garbage.popleft()
+            v = versions.get(key)
             if v is None or type(v) is Node:
                 continue
             # Keep the newest version visible at the horizon and everything after it.
@@ -169,44 +186,45 @@ class Store:
             if len(rest) == 1:
                 node = rest[0][1]
                 if node is None:
-                    del versions[path]
-                    self._index.remove(_key(path))
+                    del versions[key]
+                    self._index.remove(key)
                 else:
-                    versions[path] = node
+                    versions[key] = node
             else:
-                versions[path] = rest
+                versions[key] = rest
 
     # ----------------------------------------------------------------------------- writing
     def _put(self, path: str, node: Node | None, gen: int) -> None:
         versions = self._versions
-        v = versions.get(path)
+        key = _key(path)
+        v = versions.get(key)
         if v is None:
             if node is None:
                 return
             if self._snapshots:
-                versions[path] = [(gen, node)]
+                versions[key] = [(gen, node)]
             else:
-                versions[path] = node
-            self._index.add(_key(path))
+                versions[key] = node
+            self._index.add(key)
             return
         if type(v) is Node:
             if not self._snapshots and node is not None:
-                versions[path] = node
+                versions[key] = node
                 return
             if not self._snapshots and node is None:
-                del versions[path]
-                self._index.remove(_key(path))
+                del versions[key]
+                self._index.remove(key)
                 return
             if v.gen == gen:  # second write in the same commit (a parent's cgen)
-                versions[path] = [(gen, node)]
+                versions[key] = [(gen, node)]
             else:
-                versions[path] = [(v.gen, v), (gen, node)]
+                versions[key] = [(v.gen, v), (gen, node)]
         else:
             if v[-1][0] == gen:  # type: ignore[index]
                 v[-1] = (gen, node)  # type: ignore[index]
             else:
                 v.append((gen, node))  # type: ignore[union-attr]
-        self._garbage.append((gen, path))
+        self._garbage.append((gen, key))
 
     def apply(self, writes: dict[str, Node | None]) -> tuple[int, dict[str, Node | None]]:
         """Install a validated write set as one new generation.
@@ -260,7 +278,7 @@ class Store:
 
     def paths(self) -> Iterable[str]:
         """Every path with a live node, in no particular order (for whole-store maintenance)."""
-        return [p for p in self._versions if self.get(p) is not None]
+        return [_path(k) for k, v in self._versions.items() if self._at(v, self.gen) is not None]
 
     def version_count(self) -> int:
         """Stored versions including shadowed ones: lets tests see that reclamation works."""
