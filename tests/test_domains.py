@@ -16,38 +16,15 @@ import time
 
 import pytest
 import trio
+from robustness import GUESTS, fx, genv, hv, introduce
 
 from xenstored import guest as guestlib
 from xenstored.client import Client, SyncClient
 from xenstored.ring import Ring
 from xenstored.wire import Message, Op, Parser, XsError, encode
 
-GUESTS = os.path.join(os.path.dirname(__file__), "guests")
 
-
-def fx(daemon) -> str:
-    return os.path.join(daemon.rundir, "fx")
-
-
-def genv(daemon) -> dict[str, str]:
-    return dict(daemon.env, FAKEXEN_DIR=fx(daemon))
-
-
-def hv(daemon, command: str) -> str:
-    reply = guestlib.control(command, fx(daemon))
-    assert reply.startswith("ok"), reply
-    return reply
-
-
-def introduce(d0: SyncClient, daemon, domid: int, *, home: bool = True) -> None:
-    """What the toolstack does for a new guest: create it, give it a home, introduce it."""
-    hv(daemon, f"create {domid}")
-    if home:
-        d0.mkdir(f"/local/domain/{domid}")
-        d0.set_perms(f"/local/domain/{domid}", [f"n{domid}"])
-    d0.request(Op.INTRODUCE, f"{domid}\0{1000 + domid}\0{1}\0".encode())
-
-
+# The guest helpers are shared with the robustness tests.
 def run_guest(daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, *args], check=False, env=genv(daemon), capture_output=True, text=True, timeout=timeout
