@@ -35,6 +35,9 @@ finish() {
         mark "VERDICT FAIL $FAILED"
         dump xenstored /run/xenstored.log 80
         dump xenstored-trace /run/xenstored-trace.log 60
+        grep -E 'guest-up|to-guest|from-guest|data/result|INTRODUCE|RELEASE' /run/xenstored-trace.log \
+            > /tmp/trace-data 2>/dev/null
+        dump xenstored-trace-data-exchange /tmp/trace-data 60
         for f in /var/log/xen/*.log; do dump "${f##*/}" "$f" 40; done
         dmesg | tail -n 30 > /tmp/dmesg.tail; dump dom0-dmesg /tmp/dmesg.tail
     else
