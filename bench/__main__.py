@@ -2,7 +2,7 @@
 
     python -m bench --quick                        # ours only, under a minute
     python -m bench                                # full: more rounds and samples, under 10 minutes
-    python -m bench --against-cmd '../shared/oracle/start.sh {rundir} c'   # A B A B against C
+    python -m bench --against-cmd 'start-other-daemon {rundir}' --label C   # A B A B against another
     python -m bench --against /path/to/socket      # against a daemon that is already running
     python -m bench --only pipelined,idle --rounds 5 --json out.json --markdown out.md
 

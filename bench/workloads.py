@@ -267,7 +267,7 @@ def _tx_worker(arg: tuple[str, str, int, int], ready: Callable[[], None]) -> dic
                 vals = [int(c.read(f"{mine}/{n}", tx)) for n in "abc"]
                 for n, v in zip("abc", vals, strict=True):
                     c.write(f"{mine}/{n}", str(v + 1), tx)
-                c.write(f"{base}/shared/c{k}-{i}", "", tx)
+                c.write(f"{base}/common/c{k}-{i}", "", tx)
 
             eagain += retry_tx(c, body)
         return {"t0": t0, "t1": perf(), "commits": count, "eagain": eagain}
@@ -276,7 +276,7 @@ def _tx_worker(arg: tuple[str, str, int, int], ready: Callable[[], None]) -> dic
 def w_transactions(d: Daemon, size: Size, rnd: int) -> Metrics:
     base = f"/bench/tx/r{rnd}"
     with Client(d.socket) as c:
-        c.mkdir(f"{base}/shared")
+        c.mkdir(f"{base}/common")
     res = run_workers(_tx_worker, [(d.socket, base, k, size.tx_per_client) for k in range(8)])
     commits = sum(r["commits"] for r in res)
     return {"tx_commits_s": commits / span(res), "tx_eagain_per_commit": sum(r["eagain"] for r in res) / commits}

@@ -163,11 +163,11 @@ def test_depth_watches_on_special_paths_name_the_domain(daemon):
 def test_domain_death_removes_its_nodes_and_stale_permissions(daemon, d0):
     introduce(d0, daemon, 7)
     assert xg(daemon, "7", "write", "data/x", "1").returncode == 0
-    d0.write("/shared", "")
-    d0.set_perms("/shared", ["n0", "r7"])
+    d0.write("/common", "")
+    d0.set_perms("/common", ["n0", "r7"])
     hv(daemon, "destroy 7")  # answered once the daemon has handled VIRQ_DOM_EXC
     assert not d0.exists("/local/domain/7")
-    assert d0.get_perms("/shared") == ["n0"]
+    assert d0.get_perms("/common") == ["n0"]
     assert d0.request(Op.IS_DOMAIN_INTRODUCED, b"7\0") == b"F\0"
     # A new domain reusing the id inherits nothing.
     introduce(d0, daemon, 7)

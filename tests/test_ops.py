@@ -223,11 +223,11 @@ def test_guest_permission_rules(core, d0):
 
 
 def test_guest_becomes_owner_but_keeps_others_letter(core, d0):
-    d0.write("/shared", "")
-    d0.setperms("/shared", "r0", "b5")
+    d0.write("/common", "")
+    d0.setperms("/common", "r0", "b5")
     g = guest(core, 5)
-    g.write("/shared/c", "")
-    assert d0.getperms("/shared/c") == ["r5", "b5"]
+    g.write("/common/c", "")
+    assert d0.getperms("/common/c") == ["r5", "b5"]
 
 
 def test_guest_set_perms_rules(core, d0):

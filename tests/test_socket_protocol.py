@@ -254,11 +254,11 @@ def test_commit_events_precede_commit_reply(raw) -> None:
 
 def test_other_connections_see_events_from_a_writer(raw) -> None:
     w, c = raw(), raw()
-    c.call(Op.WATCH, b"/shared\0s\0")
+    c.call(Op.WATCH, b"/common\0s\0")
     assert c.recv().type == Op.WATCH_EVENT
-    assert w.call(Op.WRITE, b"/shared/k\0v").payload == b"OK\0"
+    assert w.call(Op.WRITE, b"/common/k\0v").payload == b"OK\0"
     ev = c.recv()
-    assert (ev.type, ev.payload) == (Op.WATCH_EVENT, b"/shared/k\0s\0")
+    assert (ev.type, ev.payload) == (Op.WATCH_EVENT, b"/common/k\0s\0")
 
 
 @pytest.mark.parametrize("cut", [5, HEADER.size, HEADER.size + 3])

@@ -267,20 +267,20 @@ def test_xsa_353_root_node_checks_permissions(daemon, d0):
 def test_xsa_322_reused_domid_inherits_nothing(daemon, d0):
     """XSA-322: a new domain reusing a domid inherited the old one's ACL entries and nodes."""
     introduce(d0, daemon, 7)
-    d0.write("/shared", "")
-    d0.set_perms("/shared", ["n0", "b7"])
+    d0.write("/common", "")
+    d0.set_perms("/common", ["n0", "b7"])
     d0.write("/acl", "private")
     d0.set_perms("/acl", ["n0", "r7"])
     with guest(daemon, 7) as g:
-        g.write("/shared/mine", "x")
+        g.write("/common/mine", "x")
         assert g.read("/acl") == b"private"
     hv(daemon, "destroy 7")
-    assert d0.ls("/shared") == []
-    assert d0.get_perms("/acl") == ["n0"] and d0.get_perms("/shared") == ["n0"]
+    assert d0.ls("/common") == []
+    assert d0.get_perms("/acl") == ["n0"] and d0.get_perms("/common") == ["n0"]
     introduce(d0, daemon, 7)
     with guest(daemon, 7) as g:
         assert err(g.read, "/acl") == "EACCES"
-        assert err(g.write, "/shared/again", "") == "EACCES"
+        assert err(g.write, "/common/again", "") == "EACCES"
         assert quota_usage(d0, 7)["nodes"] == 1
         assert_healthy(daemon, g)
 
@@ -308,16 +308,16 @@ def test_xsa_417_entry_for_existing_domain_that_dies(daemon, d0):
 
 def test_xsa_419_nodes_outside_home_die_with_their_domain(daemon, d0):
     """XSA-419: a guest creates nodes outside its home and reboots, again and again."""
-    d0.write("/shared", "")
+    d0.write("/common", "")
     for boot in range(3):
         introduce(d0, daemon, 8)
-        d0.set_perms("/shared", ["n0", "b8"])  # granted again to each boot: death strips it
+        d0.set_perms("/common", ["n0", "b8"])  # granted again to each boot: death strips it
         with guest(daemon, 8) as g:
             for i in range(5):
-                g.write(f"/shared/boot{boot}-{i}", "junk")
+                g.write(f"/common/boot{boot}-{i}", "junk")
             assert quota_usage(d0, 8)["nodes"] == 6
         hv(daemon, "destroy 8")
-        assert d0.ls("/shared") == []
+        assert d0.ls("/common") == []
     introduce(d0, daemon, 9)
     with guest(daemon, 9) as g:
         assert_healthy(daemon, g)
