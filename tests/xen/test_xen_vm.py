@@ -31,6 +31,10 @@ def test_real_xen_pv_pvh_guests_and_live_update(capsys: pytest.CaptureFixture[st
     summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("xenvm: stage", "xenvm: attempt", "XENVM"))]
     with capsys.disabled():
         print("\n" + "\n".join(summary), flush=True)
+    # 3: every boot was spoilt by a process crashing outside the daemon (QEMU TCG, see README):
+    # nothing was learnt about the daemon, so it is reported as skipped, loudly, not as a pass.
+    if r.returncode == 3:
+        pytest.skip(summary[-1] if summary else "inconclusive: platform crashes")
     # Exit 2 means the machine cannot run it (no apt, not root...): with XS_XENVM=1 that is a
     # failure too, so that a CI machine losing the ability to run it does not go unnoticed.
     assert r.returncode == 0, r.stdout[-30000:]
