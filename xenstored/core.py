@@ -16,7 +16,7 @@ from .paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
 from .perms import Perm, Perms
 from .quota import RefusalLog
 from .store import Store
-from .transactions import Change, Transaction
+from .transactions import Change, LiveView, Transaction
 from .watches import WatchRegistry
 from .wire import DOMID_ANY
 
@@ -27,6 +27,7 @@ class Core:
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Config()
         self.store = Store()
+        self.live_view = LiveView(self.store)
         self.watches = WatchRegistry()
         self.refusals = RefusalLog()
         self.domains: dict[int, Domain] = {}

@@ -488,7 +488,8 @@ def dispatch(conn: Connection, msg: Message) -> None:
             if txn is None:
                 raise XsError("ENOENT", "no such transaction")
         if txn is None and in_txn:
-            txn = Transaction(conn.core.store, implicit=True)
+            core = conn.core
+            txn = Transaction(core.store, implicit=True) if mutates else core.live_view  # type: ignore[assignment]
             implicit = True
         payload = handler(conn, msg, txn)  # type: ignore[arg-type]
         if implicit and mutates:

@@ -208,3 +208,23 @@ class Transaction:
             self.closed = True
             if not self.implicit:
                 self.store.close_snapshot(self.snap)
+
+
+class LiveView:
+    """Read-only requests outside a transaction read the committed store directly: the same
+    interface as a Transaction's reads, without building one per request."""
+
+    __slots__ = ("get", "store", "writes")
+
+    implicit = True
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.get = store.get
+        self.writes: dict[str, Node | None] = {}  # always empty: nothing is written through it
+
+    def children(self, path: str) -> list[str]:
+        return self.store.child_names(path) if self.store.get(path) is not None else []
+
+    def close(self) -> None:
+        pass
