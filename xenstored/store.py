@@ -16,6 +16,7 @@ Layout, chosen for memory (the store may hold 10^5 nodes):
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -54,7 +55,13 @@ class Node:
         return f"Node({self.value!r}, {self.perms!r}, v{self.vgen}, c{self.cgen})"
 
 
-Version = tuple[int, "Node | None"]
+# How a committed version is kept: one bytes object, ``vgen, cgen, permissions id`` then the value.
+# A Node object, a separate value object and an int per node would cost about 80 bytes more
+# each; nodes are unpacked on the way out (the value must be a bytes object for the reply anyway).
+_REC = struct.Struct("=QQI")
+_REC_SIZE = _REC.size
+Record = bytes
+Version = tuple[int, "Record | None"]
 
 NODE_OVERHEAD = 16  # per-node header, as C-4.19+ counts it
 
@@ -85,7 +92,7 @@ class Store:
 
     def __init__(self) -> None:
         self.gen = 0
-        self._versions: dict[str, Node | list[Version]] = {}
+        self._versions: dict[str, Record | list[Version]] = {}
         self._index: SortedList = SortedList()
         self._snapshots: SortedList = SortedList()
         self._garbage: deque[tuple[int, str]] = deque()
@@ -93,8 +100,11 @@ class Store:
         self.owned: dict[int, int] = {}
         # Approximate bytes of those nodes (path, value, permissions): the memory quota's share.
         self.owned_bytes: dict[int, int] = {}
+        # Permission lists are few and shared by many nodes: records name them by number.
+        self._perm_ids: dict[Perms, int] = {}
+        self._perm_lists: list[Perms] = []
         root = Node(b"", owner_only(0), 0, 0)
-        self._versions[_key(ROOT)] = root  # "/\0": never in the index, so no directory lists it
+        self._versions[_key(ROOT)] = self._pack(root)  # "/\0": never in the index, no directory lists it
         self.owned[0] = 1
         self.owned_bytes[0] = node_bytes(ROOT, root)
 
@@ -102,26 +112,44 @@ class Store:
     def __len__(self) -> int:
         return sum(1 for _ in self.walk())
 
+    def _pack(self, node: Node) -> Record:
+        pid = self._perm_ids.get(node.perms)
+        if pid is None:
+            pid = len(self._perm_lists)
+            self._perm_ids[node.perms] = pid
+            self._perm_lists.append(node.perms)
+        return _REC.pack(node.vgen, node.cgen, pid) + node.value
+
+    def _unpack(self, rec: Record) -> Node:
+        vgen, cgen, pid = _REC.unpack_from(rec)
+        return Node(rec[_REC_SIZE:], self._perm_lists[pid], vgen, cgen)
+
     def get(self, path: str) -> Node | None:
         """Current committed node."""
         v = self._versions.get(_key(path))
-        if v is None or type(v) is Node:
-            return v
-        return v[-1][1]  # type: ignore[index]
+        if v is None:
+            return None
+        if type(v) is not bytes:
+            v = v[-1][1]  # type: ignore[index]
+            if v is None:
+                return None
+        return self._unpack(v)  # type: ignore[arg-type]
 
     def get_at(self, path: str, snap: int) -> Node | None:
         """The node as a snapshot taken at generation ``snap`` sees it."""
-        return self._at(self._versions.get(_key(path)), snap)
+        rec = self._at(self._versions.get(_key(path)), snap)
+        return None if rec is None else self._unpack(rec)
 
     @staticmethod
-    def _at(v: Node | list[Version] | None, snap: int) -> Node | None:
+    def _at(v: Record | list[Version] | None, snap: int) -> Record | None:
         if v is None:
             return None
-        if type(v) is Node:
-            return v if v.gen <= snap else None
-        for gen, node in reversed(v):  # type: ignore[arg-type]
+        if type(v) is bytes:
+            vgen, cgen, _ = _REC.unpack_from(v)
+            return v if max(vgen, cgen) <= snap else None
+        for gen, rec in reversed(v):  # type: ignore[arg-type]
             if gen <= snap:
-                return node
+                return rec
         return None
 
     def child_names(self, path: str, snap: int | None = None) -> list[str]:
@@ -133,7 +161,7 @@ class Store:
         for key in self._index.irange(lo, path + _HI, inclusive=(True, False)):
             v = versions.get(key)
             if snap is None:
-                present = v is not None and (type(v) is Node or v[-1][1] is not None)  # type: ignore[index]
+                present = v is not None and (type(v) is bytes or v[-1][1] is not None)  # type: ignore[index]
             else:
                 present = self._at(v, snap) is not None
             if present:
@@ -175,7 +203,7 @@ class Store:
         while garbage and garbage[0][0] <= horizon:
             _, key = garbage.popleft()
             v = versions.get(key)
-            if v is None or type(v) is Node:
+            if v is None or type(v) is bytes:
                 continue
             # Keep the newest version visible at the horizon and everything after it.
             keep = 0
@@ -197,33 +225,36 @@ class Store:
     def _put(self, path: str, node: Node | None, gen: int) -> None:
         versions = self._versions
         key = _key(path)
+        rec = None if node is None else self._pack(node)
         v = versions.get(key)
         if v is None:
-            if node is None:
+            if rec is None:
                 return
             if self._snapshots:
-                versions[key] = [(gen, node)]
+                versions[key] = [(gen, rec)]
             else:
-                versions[key] = node
+                versions[key] = rec
             self._index.add(key)
             return
-        if type(v) is Node:
-            if not self._snapshots and node is not None:
-                versions[key] = node
+        if type(v) is bytes:
+            if not self._snapshots and rec is not None:
+                versions[key] = rec
                 return
-            if not self._snapshots and node is None:
+            if not self._snapshots and rec is None:
                 del versions[key]
                 self._index.remove(key)
                 return
-            if v.gen == gen:  # second write in the same commit (a parent's cgen)
-                versions[key] = [(gen, node)]
+            vgen, cgen, _ = _REC.unpack_from(v)
+            old_gen = max(vgen, cgen)
+            if old_gen == gen:  # second write in the same commit (a parent's cgen)
+                versions[key] = [(gen, rec)]
             else:
-                versions[key] = [(v.gen, v), (gen, node)]
+                versions[key] = [(old_gen, v), (gen, rec)]
         else:
             if v[-1][0] == gen:  # type: ignore[index]
-                v[-1] = (gen, node)  # type: ignore[index]
+                v[-1] = (gen, rec)  # type: ignore[index]
             else:
-                v.append((gen, node))  # type: ignore[union-attr]
+                v.append((gen, rec))  # type: ignore[union-attr]
         self._garbage.append((gen, key))
 
     def apply(self, writes: dict[str, Node | None]) -> tuple[int, dict[str, Node | None]]:
@@ -282,4 +313,4 @@ class Store:
 
     def version_count(self) -> int:
         """Stored versions including shadowed ones: lets tests see that reclamation works."""
-        return sum(1 if type(v) is Node else len(v) for v in self._versions.values())  # type: ignore[arg-type]
+        return sum(1 if type(v) is bytes else len(v) for v in self._versions.values())  # type: ignore[arg-type]
