@@ -244,13 +244,23 @@ class Service:
             if len(old) < len(ages):
                 return b"BUSY\0"
             assert self._nursery is not None
-            self._nursery.start_soon(self._exec, lu, msg)
+            self._nursery.start_soon(self._exec, lu, msg, force, timeout)
             return None
         return _text(f"live-update: unknown option {args[0]}")
 
-    async def _exec(self, lu: LiveUpdate, msg: Message) -> None:
-        await trio.lowlevel.checkpoint()  # let the current batch of requests finish
+    async def _exec(self, lu: LiveUpdate, msg: Message, force: bool, timeout: float) -> None:
+        # Let the current batch of requests finish, then wait for an instant with no open
+        # transaction (they are not carried over): from that check to the exec nothing awaits,
+        # so no transaction can start in between.
         core = self.core
+        deadline = time.monotonic() + timeout
+        await trio.lowlevel.checkpoint()
+        while not force and any(c.transactions for c in core.connections.values()):
+            if time.monotonic() > deadline:
+                self.lu = None
+                lu.conn.reply(msg, _text("Timeout reached, transactions still open"))
+                return
+            await trio.sleep(0.005)
         start = time.perf_counter()
         sockets = {cid: fd for cid, fd in core.socket_fds.items() if cid in core.connections}
         state = migration.dump_core(core, sockets, listen_fd=self._listen_fd)
