@@ -370,3 +370,18 @@ def test_control_quota_max_and_domain(core, d0):
     dom = d0.call(Op.CONTROL, b"quota\x005\0").decode()
     assert dom.startswith("Domain 5:\n") and "(max 1000)" in dom
     assert d0.err(Op.CONTROL, b"quota\x00999\0") == "ENOENT"
+
+
+def test_transaction_nodes_quota_counts_reads_too(core, d0):
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    for i in range(10):
+        d0.write(f"/local/domain/5/r{i}", "")
+        d0.setperms(f"/local/domain/5/r{i}", "n5")
+    core.domain(5).quotas.set("transaction-nodes", 4)
+    g = guest(core, 5)
+    t = g.start()
+    for i in range(4):
+        g.read(f"r{i}", tx=t)
+    assert g.err(Op.READ, b"r4\0", t) == "ENOSPC"  # a fifth distinct node
+    assert g.err(Op.TRANSACTION_END, b"T\0", t) == "ENOSPC"

@@ -494,8 +494,8 @@ def dispatch(conn: Connection, msg: Message) -> None:
         payload = handler(conn, msg, txn)  # type: ignore[arg-type]
         if implicit and mutates:
             conn.core.commit(txn)  # type: ignore[arg-type]
-        elif txn is not None and not implicit and mutates and not conn.privileged:
-            _check_transaction_nodes(conn, txn)
+        elif txn is not None and not implicit and not conn.privileged and msg.type != Op.TRANSACTION_END:
+            _check_transaction_nodes(conn, txn)  # reads count too: a read set is memory as well
     except XsError as e:
         if txn is not None and implicit:
             txn.close()

@@ -44,6 +44,7 @@ class Conflict(Exception):
 class Transaction:
     __slots__ = (
         "added",
+        "blind_writes",
         "changes",
         "closed",
         "dir_reads",
@@ -79,6 +80,7 @@ class Transaction:
         self.started = 0.0  # monotonic time a client opened it (live update refuses old ones)
         # Bytes this transaction's pending writes hold for its domain (memory quota, XSA-326).
         self.mem = 0
+        self.blind_writes = 0  # nodes written without being read first (for ``touched``)
 
     # --------------------------------------------------------------------------- reading
     def _base(self, path: str) -> Node | None:
@@ -115,8 +117,9 @@ class Transaction:
 
     @property
     def touched(self) -> int:
-        """Distinct nodes read or written: what the transaction-nodes quota counts."""
-        return len(self.reads.keys() | self.writes.keys())
+        """Distinct nodes read or written: what the transaction-nodes quota counts.  O(1): a
+        request must not cost more as its transaction grows."""
+        return len(self.reads) + self.blind_writes
 
     # --------------------------------------------------------------------------- writing
     def _link(self, path: str, present: bool) -> None:
@@ -138,11 +141,15 @@ class Transaction:
 
     def put(self, path: str, value: bytes, perms: Perms, *, existed: bool) -> None:
         """Write a node; ``existed`` says whether it was visible before (the caller looked)."""
+        if path not in self.reads and path not in self.writes:
+            self.blind_writes += 1
         self.writes[path] = Node(value, perms, 0, 0)
         if not existed:
             self._link(path, True)
 
     def delete(self, path: str) -> None:
+        if path not in self.reads and path not in self.writes:
+            self.blind_writes += 1
         self.writes[path] = None
         self._link(path, False)
 
