@@ -222,10 +222,8 @@ class Store:
                 versions[key] = rest
 
     # ----------------------------------------------------------------------------- writing
-    def _put(self, path: str, node: Node | None, gen: int) -> None:
+    def _put_record(self, key: str, rec: Record | None, gen: int) -> None:
         versions = self._versions
-        key = _key(path)
-        rec = None if node is None else self._pack(node)
         v = versions.get(key)
         if v is None:
             if rec is None:
@@ -257,55 +255,65 @@ class Store:
                 v.append((gen, rec))  # type: ignore[union-attr]
         self._garbage.append((gen, key))
 
-    def apply(self, writes: dict[str, Node | None]) -> tuple[int, dict[str, Node | None]]:
-        """Install a validated write set as one new generation.
+    def _latest(self, key: str) -> Record | None:
+        v = self._versions.get(key)
+        if v is None or type(v) is bytes:
+            return v  # type: ignore[return-value]
+        return v[-1][1]  # type: ignore[index]
+
+    def _charge(self, path: str, rec: Record, sign: int) -> None:
+        """Add (+1) or remove (-1) a committed record from its owner's node count and bytes."""
+        perms = self._perm_lists[_REC.unpack_from(rec)[2]]
+        o = perms[0].domid
+        size = NODE_OVERHEAD + len(path) + len(rec) - _REC_SIZE + 8 * len(perms)
+        owned, owned_bytes = self.owned, self.owned_bytes
+        n = owned.get(o, 0) + sign
+        if n > 0:
+            owned[o] = n
+            owned_bytes[o] = owned_bytes.get(o, 0) + sign * size
+        else:
+            owned.pop(o, None)
+            owned_bytes.pop(o, None)
+
+    def apply(self, writes: dict[str, Node | None]) -> int:
+        """Install a validated write set as one new generation, and return the generation.
 
         ``writes`` maps each path to its new node (value and perms; generations are assigned
         here) or None for deletion.  Parents whose child list changes get a new ``cgen``.
-        Returns the generation and the nodes as they were before, for watch filtering.
+        Works on the packed records directly: a commit unpacks nothing it does not need.
         """
         gen = self.gen + 1
-        old: dict[str, Node | None] = {}
         touched_parents: set[str] = set()
-        owned = self.owned
-        owned_bytes = self.owned_bytes
-        get = self.get
         for path, new in writes.items():
-            cur = get(path)
-            old[path] = cur
+            key = _key(path)
+            cur = self._latest(key)
             if cur is None and new is None:
                 continue
             if cur is not None:
-                o = cur.owner
-                n = owned[o] - 1
-                if n:
-                    owned[o] = n
-                    owned_bytes[o] -= node_bytes(path, cur)
-                else:
-                    del owned[o]
-                    owned_bytes.pop(o, None)
+                self._charge(path, cur, -1)
             if new is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))
-                self._put(path, None, gen)
+                self._put_record(key, None, gen)
                 continue
-            o = new.owner
-            owned[o] = owned.get(o, 0) + 1
-            owned_bytes[o] = owned_bytes.get(o, 0) + node_bytes(path, new)
             if cur is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))
-                node = Node(new.value, new.perms, gen, gen)
+                cgen = gen
             else:
-                node = Node(new.value, new.perms, gen, cur.cgen)
-            self._put(path, node, gen)
+                cgen = _REC.unpack_from(cur)[1]
+            rec = self._pack(Node(new.value, new.perms, gen, cgen))
+            self._charge(path, rec, +1)
+            self._put_record(key, rec, gen)
         for p in touched_parents:
-            cur = get(p)
+            key = _key(p)
+            cur = self._latest(key)
             if cur is not None:
-                self._put(p, Node(cur.value, cur.perms, cur.vgen, gen), gen)
+                vgen, _cgen, pid = _REC.unpack_from(cur)
+                self._put_record(key, _REC.pack(vgen, gen, pid) + cur[_REC_SIZE:], gen)
         self.gen = gen
         self._collect()
-        return gen, old
+        return gen
 
     def paths(self) -> Iterable[str]:
         """Every path with a live node, in no particular order (for whole-store maintenance)."""
