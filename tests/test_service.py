@@ -243,3 +243,17 @@ def test_access_log_as_oxenstored_with_rotation():
     finally:
         stop_daemon_process(d.proc)
         shutil.rmtree(rundir, ignore_errors=True)
+
+
+def test_a_second_daemon_on_the_same_rundir_refuses_and_harms_nothing(daemon):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XENSTORED_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "xenstored", "-N", "--rundir", daemon.rundir],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert r.returncode == 1 and "another daemon is serving" in r.stderr and "Traceback" not in r.stderr
+    with SyncClient(daemon.socket) as c:
+        c.write("/still", "here")
+    from xenstored import guest as guestlib
+
+    assert guestlib.control("exists 0", os.path.join(daemon.rundir, "fx")) == "ok 1"  # its evtchn.sock too

@@ -44,8 +44,11 @@ class Waker:
             self._ev = trio.Event()
 
 
-def make_listening_socket(path: str, backlog: int = 128) -> pysocket.socket:
-    """Bind ``path`` (mode 0600), replacing a stale socket but never a live daemon's or a file."""
+def make_listening_socket(path: str, backlog: int = 128, *, listen: bool = True) -> pysocket.socket:
+    """Bind ``path`` (mode 0600), replacing a stale socket but never a live daemon's or a file.
+
+    ``listen=False`` only binds: the path is ours, but clients are refused until ``listen()``,
+    so nobody connects to a daemon that may still fail to start."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -70,7 +73,8 @@ def make_listening_socket(path: str, backlog: int = 128) -> pysocket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    raw.listen(backlog)
+    if listen:
+        raw.listen(backlog)
     return raw
 
 

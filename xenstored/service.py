@@ -53,6 +53,14 @@ class Service:
         self.cfg = cfg
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.core = Core(cfg)
+        # The socket first: a second daemon on the same run directory must stop here, before it
+        # touches the running one's hypervisor files.  A live update inherits it instead.
+        self._listen_sock: pysocket.socket | None = None
+        if not cfg.live_update:
+            try:
+                self._listen_sock = make_listening_socket(cfg.socket, listen=False)
+            except OSError as e:
+                raise SystemExit(f"xenstored: cannot listen on {cfg.socket}: {e.strerror or e}") from None
         self.hv = hypervisor.choose(cfg.emulate, cfg.rundir)
         self.manager = DomainManager(self.core, self.hv)
         self.core.live_update = self.live_update_command
@@ -116,10 +124,11 @@ class Service:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(serve_domains, self.manager)
-                if self._listen_fd >= 0:
-                    sock = pysocket.socket(fileno=self._listen_fd)
+                if self._listen_sock is not None:
+                    sock = self._listen_sock
+                    sock.listen(128)  # state restored, hypervisor up: now clients may come
                 else:
-                    sock = make_listening_socket(cfg.socket)
+                    sock = pysocket.socket(fileno=self._listen_fd)
                 self._listen_fd = sock.fileno()
                 await nursery.start(serve_listener, self.core, sock)
                 for conn_id, fd in self._restored_sockets:
