@@ -33,6 +33,8 @@ EXPECTED_IOCTLS = {
     "IOCTL_GNTDEV_MAP_GRANT_REF": 0x00184700,  # sizeof = 4 + 4 + 8 + 1 * (4 + 4) = 24
     "IOCTL_GNTDEV_UNMAP_GRANT_REF": 0x00104701,  # 8 + 4 + 4 = 16
     "IOCTL_GNTDEV_SET_MAX_GRANTS": 0x00044703,
+    # _IOC(_IOC_NONE, 'P', 4, sizeof(struct privcmd_mmapbatch_v2) = 4 + 2 + 2 pad + 8 + 8 + 8 = 32)
+    "IOCTL_PRIVCMD_MMAPBATCH_V2": 0x00205004,
 }
 
 
@@ -48,6 +50,7 @@ def test_struct_sizes() -> None:
     assert xen_abi.GNTDEV_MAP_INDEX_OFFSET == 8
     assert xen_abi.EVTCHN_PORT.size == 4
     assert xen_abi.DOMAININFO_HEAD.size == 8
+    assert xen_abi.PRIVCMD_MMAPBATCH_V2.size == 32
 
 
 def test_xen_constants() -> None:
@@ -116,11 +119,13 @@ typedef uint16_t domid_t;      /* Linux's uapi copies expect the includer to def
 typedef uint32_t grant_ref_t;
 #include <xen/evtchn.h>
 #include <xen/gntdev.h>
+#include <xen/privcmd.h>      /* needs xen/interface/xen.h: a stub giving xen_pfn_t is provided */
 #define P(x) printf(#x " %lu\n", (unsigned long)(x))
 int main(void) {
     P(IOCTL_EVTCHN_BIND_VIRQ); P(IOCTL_EVTCHN_BIND_INTERDOMAIN); P(IOCTL_EVTCHN_BIND_UNBOUND_PORT);
     P(IOCTL_EVTCHN_UNBIND); P(IOCTL_EVTCHN_NOTIFY); P(IOCTL_EVTCHN_RESET);
     P(IOCTL_GNTDEV_MAP_GRANT_REF); P(IOCTL_GNTDEV_UNMAP_GRANT_REF); P(IOCTL_GNTDEV_SET_MAX_GRANTS);
+    P(IOCTL_PRIVCMD_MMAPBATCH_V2);
     return 0;
 }
 """
@@ -136,10 +141,13 @@ def test_ioctls_match_system_headers(tmp_path: Path) -> None:
         pytest.skip("needs a C compiler and Linux's xen/evtchn.h, xen/gntdev.h")
     src = tmp_path / "abi.c"
     src.write_text(C_PROGRAM)
+    stub = tmp_path / "inc" / "xen" / "interface"
+    stub.mkdir(parents=True)
+    (stub / "xen.h").write_text("typedef unsigned long xen_pfn_t;\n")
     exe = tmp_path / "abi"
-    subprocess.run([cc, "-o", str(exe), str(src)], check=True, capture_output=True)
+    subprocess.run([cc, "-I", str(tmp_path / "inc"), "-o", str(exe), str(src)], check=True, capture_output=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     got = {name: int(value) for name, value in (line.split() for line in out.splitlines())}
-    assert len(got) == 9
+    assert len(got) == 10
     for name, value in got.items():
         assert getattr(xen_abi, name) == value, name

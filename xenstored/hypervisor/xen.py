@@ -169,6 +169,7 @@ class XenHypervisor(Hypervisor):
                 raise XsError("EINVAL", f"no {abi.XSD_KVA} for dom{domid}")
             return found[0]
         self.unmap_ring(domid)
+        index: int | None
         try:
             fd = self._gntdev_fd()
             req = bytearray(abi.GNTDEV_MAP_GRANT_REF.pack(1, 0, 0, domid, abi.GNTTAB_RESERVED_XENSTORE))
@@ -179,11 +180,40 @@ class XenHypervisor(Hypervisor):
             except OSError:
                 self._unmap_grant(index)
                 raise
-        except OSError as e:
-            raise XsError("EINVAL", f"map xenstore page of dom{domid}: {e}") from e
+        except OSError as grant_error:
+            # No grant 1 (an older toolstack, or no gntdev): map the frame INTRODUCE named.
+            try:
+                m, index = self._map_foreign(domid, gfn), None
+            except OSError as e:
+                raise XsError("EINVAL", f"map xenstore page of dom{domid}: {grant_error}; {e}") from e
         view = memoryview(m)
         self._maps[domid] = (m, view, index)
         return view
+
+    @staticmethod
+    def _map_foreign(domid: int, gfn: int) -> mmap.mmap:
+        """The privcmd route (xc_map_foreign_range): one page of ``domid`` at frame ``gfn``."""
+        fd = os.open(abi.PRIVCMD_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            m = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                window = (ctypes.c_char * PAGE_SIZE).from_buffer(m)
+                addr = ctypes.addressof(window)
+                del window  # release the export, or the mmap could never be closed
+                frames = (ctypes.c_uint64 * 1)(gfn)
+                errors = (ctypes.c_int * 1)(0)
+                req = bytearray(
+                    abi.PRIVCMD_MMAPBATCH_V2.pack(1, domid, addr, ctypes.addressof(frames), ctypes.addressof(errors))
+                )
+                fcntl.ioctl(fd, abi.IOCTL_PRIVCMD_MMAPBATCH_V2, req, True)
+                if errors[0]:
+                    raise OSError(-errors[0], os.strerror(-errors[0]))
+            except BaseException:
+                m.close()
+                raise
+        finally:
+            os.close(fd)  # the mapping keeps the device open
+        return m
 
     def _unmap_grant(self, index: int) -> None:
         if self._gntdev is None:

@@ -82,3 +82,9 @@ XSD_KVA = "/proc/xen/xsd_kva"
 XSD_PORT = "/proc/xen/xsd_port"
 EVTCHN_DEVICE = "/dev/xen/evtchn"
 GNTDEV_DEVICE = "/dev/xen/gntdev"
+PRIVCMD_DEVICE = "/dev/xen/privcmd"
+
+# struct privcmd_mmapbatch_v2 (linux/include/uapi/xen/privcmd.h): num u32, dom u16, (pad),
+# addr u64, arr xen_pfn_t*, err int*.  The foreign-mapping fallback for guest rings.
+PRIVCMD_MMAPBATCH_V2 = struct.Struct("=IHxxQQQ")
+IOCTL_PRIVCMD_MMAPBATCH_V2 = _IOC(_IOC_NONE, "P", 4, PRIVCMD_MMAPBATCH_V2.size)
