@@ -11,6 +11,7 @@ client sees its connection close.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shlex
@@ -85,6 +86,9 @@ class Service:
 
     def restore(self, live_update: bool) -> None:
         """Load the state a live update or a clean stop left, if any."""
+        if self.cfg.persistent:
+            for stale in glob.glob(glob.escape(self.persistent_file) + ".tmp*"):
+                os.unlink(stale)  # a snapshot a crash cut short: the real file is intact
         if live_update:
             path = os.path.join(self.cfg.rundir, STATE_DUMP)
         elif self.cfg.persistent and os.path.exists(self.persistent_file):
