@@ -114,3 +114,24 @@ def test_owner_counts_follow_commits():
     assert s.owned[5] == 2
     delete(s, "/a/b")
     assert s.owned[5] == 1
+
+
+def test_overwrites_keep_the_byte_accounting_exact():
+    from xenstored.store import node_bytes
+
+    s = Store()
+    p5 = owner_only(5)
+    t = Transaction(s, implicit=True)
+    t.put("/a", b"", p5, existed=False)
+    t.commit()
+    for value in (b"x" * 10, b"y" * 3, b"", b"z" * 100):
+        node = s.get("/a")
+        t = Transaction(s, implicit=True)
+        t.put("/a", value, node.perms, existed=True)  # same list object: the fast path
+        t.commit()
+        assert s.owned[5] == 1
+        assert s.owned_bytes[5] == node_bytes("/a", s.get("/a"))
+    t = Transaction(s, implicit=True)
+    t.put("/a", b"v", owner_only(6), existed=True)  # a new owner: moved between the two
+    t.commit()
+    assert 5 not in s.owned and s.owned[6] == 1 and s.owned_bytes[6] == node_bytes("/a", s.get("/a"))

@@ -289,6 +289,16 @@ class Store:
             cur = self._latest(key)
             if cur is None and new is None:
                 continue
+            if cur is not None and new is not None:
+                # An overwrite: commonly the same permission list, so the owner keeps its count
+                # and only the value's size changes.
+                vgen, cgen, pid = _REC.unpack_from(cur)
+                if self._perm_lists[pid] is new.perms:
+                    rec = _REC.pack(gen, cgen, pid) + new.value
+                    o = new.perms[0].domid
+                    self.owned_bytes[o] += len(rec) - len(cur)
+                    self._put_record(key, rec, gen)
+                    continue
             if cur is not None:
                 self._charge(path, cur, -1)
             if new is None:
