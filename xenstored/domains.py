@@ -89,18 +89,21 @@ class DomainManager:
         self._connect(self.core.domain(self.core.priv_domid), view, remote, 0)
         return True
 
-    def _connect(self, dom: Domain, view: memoryview, remote_port: int, gfn: int) -> None:
-        ring = Ring(view)
-        if ring.evtchn_port:  # dom0less: Xen filled in the port (C-4.21+)
-            remote_port = ring.evtchn_port
-        local = self.hv.bind_interdomain(dom.domid, remote_port)
+    def _attach(self, dom: Domain, ring: Ring, remote_port: int, local: int, gfn: int) -> Connection:
+        """Give an introduced (or restored) domain its ring connection on ``local``."""
         conn = self.core.new_connection(dom.domid, socket=False)
         conn.wakeup = lambda: self._mark(dom)
         dom.conn, dom.ring, dom.port, dom.local_port, dom.gfn = conn, ring, remote_port, local, gfn
         dom.introduced = True
+        self.by_port[local] = dom
+        self._mark(dom)
+        return conn
+
+    def _reset_ring(self, dom: Domain, ring: Ring, local: int) -> None:
+        """What INTRODUCE does to the page, first time or again: features, all four indexes and
+        the error field back to 0, a pending reconnection acknowledged, the guest notified."""
         dom.ignored = False
         dom.shutdown_reported = False
-        self.by_port[local] = dom
         ring.features = dom.features
         ring.reset()
         ring.set_error(0)
@@ -108,6 +111,14 @@ class DomainManager:
             ring.connection = 0
         self.hv.notify(local)
         self._mark(dom)
+
+    def _connect(self, dom: Domain, view: memoryview, remote_port: int, gfn: int) -> None:
+        ring = Ring(view)
+        if ring.evtchn_port:  # dom0less: Xen filled in the port (C-4.21+)
+            remote_port = ring.evtchn_port
+        local = self.hv.bind_interdomain(dom.domid, remote_port)
+        self._attach(dom, ring, remote_port, local, gfn)
+        self._reset_ring(dom, ring, local)
 
     def restore_ring(self, r: RingData, *, target: int | None, rebind: bool) -> Connection | None:
         """Re-attach a ring connection from a state stream, keeping the ring's indexes so traffic
@@ -117,16 +128,10 @@ class DomainManager:
             log.info("dom%d from the saved state no longer exists", r.domid)
             return None
         dom = self.core.domain(r.domid)
-        view = self.hv.map_ring(r.domid, r.gfn)
-        ring = Ring(view)
+        ring = Ring(self.hv.map_ring(r.domid, r.gfn))
         local = self.hv.bind_interdomain(r.domid, r.remote_port) if rebind else r.local_port
-        conn = self.core.new_connection(r.domid, socket=False)
-        conn.wakeup = lambda: self._mark(dom)
-        dom.conn, dom.ring, dom.port, dom.local_port, dom.gfn = conn, ring, r.remote_port, local, r.gfn
-        dom.introduced, dom.ignored, dom.shutdown_reported, dom.target = True, r.ignored, r.shutdown_reported, target
-        self.by_port[local] = dom
-        self._mark(dom)
-        return conn
+        dom.ignored, dom.shutdown_reported, dom.target = r.ignored, r.shutdown_reported, target
+        return self._attach(dom, ring, r.remote_port, local, r.gfn)
 
     def introduce(self, conn: Connection, msg: Message) -> bytes:
         args = split_args(msg.payload)
@@ -151,15 +156,9 @@ class DomainManager:
             if ring.evtchn_port:
                 port = ring.evtchn_port
             local = self.hv.bind_interdomain(domid, port)
-            dom.port, dom.local_port, dom.ignored, dom.shutdown_reported = port, local, False, False
+            dom.port, dom.local_port = port, local
             self.by_port[local] = dom
-            ring.reset()
-            ring.set_error(0)
-            ring.features = dom.features
-            if ring.connection == RECONNECT:
-                ring.connection = 0
-            self.hv.notify(local)
-            self._mark(dom)
+            self._reset_ring(dom, ring, local)
             log.info("dom%d re-introduced (port %d)", domid, port)
             return OK
         view = self.hv.map_ring(domid, gfn)
