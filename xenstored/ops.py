@@ -16,7 +16,7 @@ from . import paths, perms, quota
 from .connection import Connection
 from .control import control
 from .perms import READ, WRITE, Perms
-from .store import NODE_OVERHEAD, Node
+from .store import Node, node_size
 from .transactions import Conflict, Transaction
 from .wire import (
     DOMID_SELF,
@@ -137,7 +137,7 @@ def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> 
         count = conn.core.store.owned.get(conn.domid, 0) + txn.owned_delta + len(missing)
         if quota.exceeds(limit, count):
             raise _refuse(conn, "nodes", limit, count, path)
-        size = sum(NODE_OVERHEAD + len(p) for p in missing) + len(value)
+        size = sum(node_size(p, len(value) if p == path else 0, new_perms) for p in missing)
         check_memory(conn, size, path)
         txn.owned_delta += len(missing)
         if not txn.implicit:

@@ -68,7 +68,12 @@ NODE_OVERHEAD = 16  # per-node header, as C-4.19+ counts it
 
 def node_bytes(path: str, node: Node) -> int:
     """What a node costs its owner against the memory quota."""
-    return NODE_OVERHEAD + len(path) + len(node.value) + 8 * len(node.perms)
+    return node_size(path, len(node.value), node.perms)
+
+
+def node_size(path: str, value_len: int, perms: Perms) -> int:
+    """The memory-quota cost of a node at ``path`` with a value of ``value_len`` bytes."""
+    return NODE_OVERHEAD + len(path) + value_len + 8 * len(perms)
 
 _HI = "\x01"  # upper bound of a child-key range: just above the NUL separator
 
@@ -265,7 +270,7 @@ class Store:
         """Add (+1) or remove (-1) a committed record from its owner's node count and bytes."""
         perms = self._perm_lists[_REC.unpack_from(rec)[2]]
         o = perms[0].domid
-        size = NODE_OVERHEAD + len(path) + len(rec) - _REC_SIZE + 8 * len(perms)
+        size = node_size(path, len(rec) - _REC_SIZE, perms)
         owned, owned_bytes = self.owned, self.owned_bytes
         n = owned.get(o, 0) + sign
         if n > 0:
