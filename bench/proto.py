@@ -13,25 +13,27 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Self
 
-HEADER = struct.Struct("=IIII")
+from xenstored.wire import HEADER, Op
+
 _unpack = HEADER.unpack_from
 
-CONTROL = 0
-DIRECTORY = 1
-READ = 2
-GET_PERMS = 3
-WATCH = 4
-UNWATCH = 5
-TRANSACTION_START = 6
-TRANSACTION_END = 7
-INTRODUCE = 8
-RELEASE = 9
-WRITE = 11
-MKDIR = 12
-RM = 13
-SET_PERMS = 14
-WATCH_EVENT = 15
-ERROR = 16
+# Op codes under their xs_wire.h names, taken from the daemon's codec so there is one table.
+CONTROL = Op.CONTROL
+DIRECTORY = Op.DIRECTORY
+READ = Op.READ
+GET_PERMS = Op.GET_PERMS
+WATCH = Op.WATCH
+UNWATCH = Op.UNWATCH
+TRANSACTION_START = Op.TRANSACTION_START
+TRANSACTION_END = Op.TRANSACTION_END
+INTRODUCE = Op.INTRODUCE
+RELEASE = Op.RELEASE
+WRITE = Op.WRITE
+MKDIR = Op.MKDIR
+RM = Op.RM
+SET_PERMS = Op.SET_PERMS
+WATCH_EVENT = Op.WATCH_EVENT
+ERROR = Op.ERROR
 
 
 class XsErr(Exception):
