@@ -144,6 +144,44 @@ def test_conflict_is_eagain(d0, core):
     assert d0.read("/c") == b"2"
 
 
+def test_write_to_an_existing_node_outside_a_transaction(core, d0):
+    """The in-place write path: same permissions, children and watches as the general one, and
+    an open transaction keeps seeing the value of its snapshot."""
+    d0.write("/w/leaf/child", "c")
+    d0.setperms("/w/leaf", "n0", "r5")
+    watcher = Peer(core)
+    watcher.watch("/w", "tok")
+    watcher.events.clear()
+    t = d0.start()
+    assert d0.read("/w/leaf", t) == b""
+    gen_before = core.store.gen
+    d0.write("/w/leaf", "new")
+    assert core.store.gen == gen_before + 1
+    assert d0.read("/w/leaf") == b"new"
+    assert d0.read("/w/leaf", t) == b""  # the snapshot still sees the old version
+    assert d0.getperms("/w/leaf") == ["n0", "r5"]
+    assert d0.ls("/w/leaf") == ["child"]
+    watcher.drain()
+    assert watcher.events == [("/w/leaf", "tok")]
+    d0.end(t)  # read-only: commits although the node changed
+
+
+def test_refused_write_in_place_changes_nothing(core, d0):
+    d0.write("/local/domain/5/v", "old")
+    d0.setperms("/local/domain/5/v", "n5")
+    d0.write("/ro", "keep")
+    core.domain(5).quotas.set("node-size", 20)
+    g = guest(core, 5)
+    gen = core.store.gen
+    owned = core.store.owned_bytes[5]
+    assert g.err(Op.WRITE, b"/ro\0x") == "EACCES"
+    assert g.err(Op.WRITE, b"/local/domain/5/v\0" + b"x" * 13) == "ENOSPC"  # 13 + 8 > 20
+    assert core.store.gen == gen and core.store.owned_bytes[5] == owned
+    assert d0.read("/local/domain/5/v") == b"old" and d0.read("/ro") == b"keep"
+    g.write("/local/domain/5/v", "x" * 12)
+    assert core.store.owned_bytes[5] == owned + 9  # charged by the value's growth
+
+
 def test_reset_watches_drops_transactions(d0):
     t = d0.start()
     assert d0.call(Op.RESET_WATCHES, b"") == b"OK\0"

@@ -146,6 +146,12 @@ class Core:
                 epath = paths.relative_to(change.path, conn.home) if w.relative else change.path
                 conn.event(epath, w.token)
 
+    def fire_value_change(self, path: str, node_perms: Perms) -> None:
+        """Watch events for one node whose value a write replaced (the in-place write path):
+        nothing is built while no watch is set at all."""
+        if self.watches.count:
+            self.fire([Change(path, False, node_perms, node_perms)])
+
     def fire_special(self, name: str, domid: int | None = None) -> None:
         """``@introduceDomain`` / ``@releaseDomain``: heard by the privileged and by domains the
         special path's permissions let read it."""

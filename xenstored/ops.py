@@ -153,26 +153,57 @@ def op_read(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     return get_node(conn, txn, path, READ).value
 
 
-def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
-    payload = msg.payload
+def _split_write(conn: Connection, payload: bytes) -> tuple[str, bytes]:
     idx = payload.find(0)
     if idx < 0:
         raise XsError("EINVAL", "WRITE without NUL")
-    path = node_path(conn, payload[:idx])
-    value = payload[idx + 1 :]
+    return node_path(conn, payload[:idx]), payload[idx + 1 :]
+
+
+def _check_overwrite(conn: Connection, path: str, value: bytes, node_perms: Perms, old_len: int) -> int:
+    """Permission and quota checks for replacing an existing node's value; returns the bytes it
+    grows by (negative when it shrinks)."""
+    if not can(conn, node_perms, WRITE):
+        raise XsError("EACCES")
+    grow = len(value) - old_len
+    if not conn.privileged:
+        _check_node_size(conn, value, node_perms)
+        if grow > 0:
+            check_memory(conn, grow, path)
+    return grow
+
+
+def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    path, value = _split_write(conn, msg.payload)
     node = txn.get(path)
     if node is None:
         create_node(conn, txn, path, value)
         return OK
-    if not can(conn, node.perms, WRITE):
-        raise XsError("EACCES")
-    _check_node_size(conn, value, node.perms)
-    if len(value) > len(node.value) and not conn.privileged:
-        check_memory(conn, len(value) - len(node.value), path)
-        if not txn.implicit:
-            txn.mem += len(value) - len(node.value)
+    grow = _check_overwrite(conn, path, value, node.perms, len(node.value))
+    if grow > 0 and not txn.implicit and not conn.privileged:
+        txn.mem += grow
     txn.put(path, value, node.perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=node.perms)
+    return OK
+
+
+def write_in_place(conn: Connection, msg: Message) -> bytes | None:
+    """WRITE outside a transaction to a node that exists: the commonest mutation (state keys,
+    handshakes) replaces one value and can fail only before it changes anything, so it needs
+    no write set, no validation and no implicit Transaction; the store installs the new value as
+    a generation of its own.  Returns None when the node is missing: creation (ancestors,
+    inherited permissions, the nodes quota) takes the general path."""
+    path, value = _split_write(conn, msg.payload)
+    core = conn.core
+    store = core.store
+    found = store.lookup(path)
+    if found is None:
+        return None
+    key, cur = found
+    node_perms = store.record_perms(cur)
+    _check_overwrite(conn, path, value, node_perms, store.record_value_len(cur))
+    store.overwrite(key, cur, value)
+    core.fire_value_change(path, node_perms)
     return OK
 
 
@@ -471,11 +502,24 @@ def dispatch(conn: Connection, msg: Message) -> None:
     if entry is None:
         conn.error(msg, "ENOSYS")
         return
+    tx_id = msg.tx_id
+    if not tx_id and msg.type == Op.WRITE:
+        try:
+            payload = write_in_place(conn, msg)
+        except XsError as e:
+            conn.error(msg, e.name)
+            return
+        except Exception:
+            log.exception("%s: internal error in WRITE", conn.label)
+            conn.error(msg, "EIO")
+            return
+        if payload is not None:
+            conn.reply(msg, payload)
+            return
     handler, in_txn, mutates = entry
     if msg.type in PRIVILEGED_OPS and not conn.privileged:
         conn.error(msg, "EACCES")
         return
-    tx_id = msg.tx_id
     txn: Transaction | None = None
     implicit = False
     try:

@@ -140,6 +140,26 @@ class Store:
                 return None
         return self._unpack(v)  # type: ignore[arg-type]
 
+    def lookup(self, path: str) -> tuple[str, Record] | None:
+        """The key and current record of a live node, unpacked no further: the write fast path
+        needs only its permissions and value length."""
+        key = _key(path)
+        v = self._versions.get(key)
+        if v is None:
+            return None
+        if type(v) is not bytes:
+            v = v[-1][1]  # type: ignore[index]
+            if v is None:
+                return None
+        return key, v  # type: ignore[return-value]
+
+    def record_perms(self, rec: Record) -> Perms:
+        return self._perm_lists[_REC.unpack_from(rec)[2]]
+
+    @staticmethod
+    def record_value_len(rec: Record) -> int:
+        return len(rec) - _REC_SIZE
+
     def get_at(self, path: str, snap: int) -> Node | None:
         """The node as a snapshot taken at generation ``snap`` sees it."""
         rec = self._at(self._versions.get(_key(path)), snap)
@@ -328,6 +348,20 @@ class Store:
                 self._put_record(key, _REC.pack(vgen, gen, pid) + cur[_REC_SIZE:], gen)
         self.gen = gen
         self._collect()
+        return gen
+
+    def overwrite(self, key: str, cur: Record, value: bytes) -> int:
+        """Replace the value of a live node as a commit of its own, keeping its permissions and
+        child list: what a WRITE outside a transaction to an existing node does, without a write
+        set.  ``key, cur`` come from :meth:`lookup` in the same request (nothing can have changed
+        in between on the single-threaded loop).  Returns the new generation."""
+        gen = self.gen + 1
+        _vgen, cgen, pid = _REC.unpack_from(cur)
+        self.owned_bytes[self._perm_lists[pid][0].domid] += len(value) + _REC_SIZE - len(cur)
+        self._put_record(key, _REC.pack(gen, cgen, pid) + value, gen)
+        self.gen = gen
+        if self._garbage:
+            self._collect()
         return gen
 
     def paths(self) -> Iterable[str]:
