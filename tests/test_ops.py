@@ -182,6 +182,38 @@ def test_refused_write_in_place_changes_nothing(core, d0):
     assert core.store.owned_bytes[5] == owned + 9  # charged by the value's growth
 
 
+def test_create_and_rm_outside_a_transaction_keep_accounting_and_snapshots(core, d0):
+    """The in-place create and remove paths: node counts return to where they were, parents'
+    child lists move, and an open transaction keeps its snapshot of the removed subtree."""
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    g = guest(core, 5)
+    owned = core.store.owned[5], core.store.owned_bytes[5]
+    g.write("/local/domain/5/d", "top")  # parent exists: created in place, owned by dom5
+    g.write("/local/domain/5/d/a", "1")
+    g.write("/local/domain/5/d/b", "2")
+    assert g.getperms("/local/domain/5/d/a") == ["n5"]
+    assert core.store.owned[5] == owned[0] + 3
+    t = d0.start()
+    assert d0.ls("/local/domain/5/d", t) == ["a", "b"]
+    watcher = Peer(core)
+    watcher.watch("/local/domain/5/d/b", "exact")
+    watcher.watch("/local/domain/5", "up")
+    watcher.events.clear()
+    g.rm("/local/domain/5/d")
+    assert (core.store.owned[5], core.store.owned_bytes[5]) == owned
+    assert d0.ls("/local/domain/5") == []
+    assert d0.ls("/local/domain/5/d", t) == ["a", "b"]  # the snapshot still has them
+    assert d0.read("/local/domain/5/d/b", t) == b"2"
+    d0.end(t)
+    watcher.drain()
+    assert sorted(watcher.events) == [("/local/domain/5/d", "up"), ("/local/domain/5/d/b", "exact")]
+    d0.write("/nope", "")
+    assert g.err(Op.RM, b"/nope\0") == "EACCES"
+    assert g.err(Op.WRITE, b"/nope/child\0x") == "EACCES"
+    assert d0.ls("/nope") == []
+
+
 def test_reset_watches_drops_transactions(d0):
     t = d0.start()
     assert d0.call(Op.RESET_WATCHES, b"") == b"OK\0"

@@ -152,6 +152,17 @@ class Core:
         if self.watches.count:
             self.fire([Change(path, False, node_perms, node_perms)])
 
+    def fire_created(self, path: str, node_perms: Perms) -> None:
+        if self.watches.count:
+            self.fire([Change(path, False, None, node_perms)])
+
+    def fire_removed(self, removed: list[tuple[str, Perms]]) -> None:
+        """Events for a subtree the store removed, top first: the top fires watches on it and
+        its ancestors, each descendant only watches placed exactly on it (as RM always does)."""
+        if self.watches.count:
+            top = removed[0][0]
+            self.fire([Change(p, p != top, node_perms, None) for p, node_perms in removed])
+
     def fire_special(self, name: str, domid: int | None = None) -> None:
         """``@introduceDomain`` / ``@releaseDomain``: heard by the privileged and by domains the
         special path's permissions let read it."""

@@ -117,6 +117,28 @@ def _check_node_size(conn: Connection, value: bytes, node_perms: Perms) -> None:
         raise _refuse(conn, "node-size", limit, size)
 
 
+def _check_creation(
+    conn: Connection, txn: Transaction | None, missing: list[str], value: bytes, anc_perms: Perms
+) -> tuple[Perms, int]:
+    """Permission and quota checks for creating ``missing`` (the node first, then its missing
+    ancestors) below an existing ancestor: returns the new nodes' permissions and the bytes they
+    cost their owner."""
+    if not can(conn, anc_perms, WRITE):
+        raise XsError("EACCES")
+    if conn.privileged:
+        return anc_perms, 0
+    new_perms = perms.with_owner(anc_perms, conn.domid)
+    _check_node_size(conn, value, new_perms)
+    path = missing[0]
+    limit = conn.domain.quotas["nodes"]
+    count = conn.core.store.owned.get(conn.domid, 0) + len(missing) + (txn.owned_delta if txn else 0)
+    if quota.exceeds(limit, count):
+        raise _refuse(conn, "nodes", limit, count, path)
+    size = sum(node_size(p, len(value) if p == path else 0, new_perms) for p in missing)
+    check_memory(conn, size, path)
+    return new_perms, size
+
+
 def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> None:
     """Create ``path`` and any missing ancestors, inheriting the deepest existing ancestor's
     permissions; an unprivileged creator becomes the owner (C rule).  Only ``path`` fires."""
@@ -128,17 +150,8 @@ def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> 
         if anc is not None:
             break
         missing.append(p)
-    if not can(conn, anc.perms, WRITE):
-        raise XsError("EACCES")
-    new_perms = anc.perms if conn.privileged else perms.with_owner(anc.perms, conn.domid)
-    _check_node_size(conn, value, new_perms)
+    new_perms, size = _check_creation(conn, txn, missing, value, anc.perms)
     if not conn.privileged:
-        limit = conn.domain.quotas["nodes"]
-        count = conn.core.store.owned.get(conn.domid, 0) + txn.owned_delta + len(missing)
-        if quota.exceeds(limit, count):
-            raise _refuse(conn, "nodes", limit, count, path)
-        size = sum(node_size(p, len(value) if p == path else 0, new_perms) for p in missing)
-        check_memory(conn, size, path)
         txn.owned_delta += len(missing)
         if not txn.implicit:
             txn.mem += size
@@ -188,22 +201,31 @@ def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
 
 
 def write_in_place(conn: Connection, msg: Message) -> bytes | None:
-    """WRITE outside a transaction to a node that exists: the commonest mutation (state keys,
-    handshakes) replaces one value and can fail only before it changes anything, so it needs
-    no write set, no validation and no implicit Transaction; the store installs the new value as
-    a generation of its own.  Returns None when the node is missing: creation (ancestors,
-    inherited permissions, the nodes quota) takes the general path."""
+    """WRITE outside a transaction, when the node or its parent exists: the commonest mutations
+    (state keys, handshakes, a new key in an existing directory) can fail only before they change
+    anything, so they need no write set, no validation and no implicit Transaction; the store
+    installs the change as a generation of its own.  Returns None when the parent is missing
+    too: creating ancestors takes the general path."""
     path, value = _split_write(conn, msg.payload)
     core = conn.core
     store = core.store
     found = store.lookup(path)
-    if found is None:
+    if found is not None:
+        key, cur = found
+        node_perms = store.record_perms(cur)
+        _check_overwrite(conn, path, value, node_perms, store.record_value_len(cur))
+        store.overwrite(key, cur, value)
+        core.fire_value_change(path, node_perms)
+        return OK
+    if path == paths.ROOT:
         return None
-    key, cur = found
-    node_perms = store.record_perms(cur)
-    _check_overwrite(conn, path, value, node_perms, store.record_value_len(cur))
-    store.overwrite(key, cur, value)
-    core.fire_value_change(path, node_perms)
+    up = store.lookup(paths.parent(path))
+    if up is None:
+        return None
+    parent_key, parent_rec = up
+    new_perms, _size = _check_creation(conn, None, [path], value, store.record_perms(parent_rec))
+    store.create(path, value, new_perms, parent_key, parent_rec)
+    core.fire_created(path, new_perms)
     return OK
 
 
@@ -233,6 +255,22 @@ def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     for removed in txn.remove_tree(path):
         if removed.owner == domid:
             txn.owned_delta -= 1
+    return OK
+
+
+def rm_in_place(conn: Connection, msg: Message) -> bytes | None:
+    """RM outside a transaction of a node that exists: the store removes the subtree as one
+    generation, without a write set.  Returns None for what the general path decides (a missing
+    node, the root)."""
+    path = node_path(conn, single_arg(msg.payload))
+    core = conn.core
+    store = core.store
+    found = store.lookup(path)
+    if found is None or path == paths.ROOT:
+        return None
+    if not can(conn, store.record_perms(found[1]), WRITE):
+        raise XsError("EACCES")
+    core.fire_removed(store.remove(path))
     return OK
 
 
@@ -476,6 +514,13 @@ HANDLERS: dict[int, tuple[Handler, bool, bool]] = {
     Op.SET_QUOTA: (_domain_op("set_quota"), False, False),
 }
 
+# Mutations outside a transaction that can change the store directly in their common case
+# (returning None sends the request down the general path).
+IN_PLACE: dict[int, Callable[[Connection, Message], bytes | None]] = {
+    Op.WRITE: write_in_place,
+    Op.RM: rm_in_place,
+}
+
 PRIVILEGED_OPS = frozenset(
     {
         Op.CONTROL,
@@ -503,19 +548,21 @@ def dispatch(conn: Connection, msg: Message) -> None:
         conn.error(msg, "ENOSYS")
         return
     tx_id = msg.tx_id
-    if not tx_id and msg.type == Op.WRITE:
-        try:
-            payload = write_in_place(conn, msg)
-        except XsError as e:
-            conn.error(msg, e.name)
-            return
-        except Exception:
-            log.exception("%s: internal error in WRITE", conn.label)
-            conn.error(msg, "EIO")
-            return
-        if payload is not None:
-            conn.reply(msg, payload)
-            return
+    if not tx_id:
+        in_place = IN_PLACE.get(msg.type)
+        if in_place is not None:
+            try:
+                payload = in_place(conn, msg)
+            except XsError as e:
+                conn.error(msg, e.name)
+                return
+            except Exception:
+                log.exception("%s: internal error in %s", conn.label, Op(msg.type).name)
+                conn.error(msg, "EIO")
+                return
+            if payload is not None:
+                conn.reply(msg, payload)
+                return
     handler, in_txn, mutates = entry
     if msg.type in PRIVILEGED_OPS and not conn.privileged:
         conn.error(msg, "EACCES")

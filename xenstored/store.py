@@ -364,6 +364,48 @@ class Store:
             self._collect()
         return gen
 
+    def create(self, path: str, value: bytes, perms: Perms, parent_key: str, parent_rec: Record) -> int:
+        """Add a node under an existing parent as a commit of its own (a WRITE outside a
+        transaction creating one node).  ``parent_key, parent_rec`` come from :meth:`lookup` in
+        the same request.  Returns the new generation."""
+        gen = self.gen + 1
+        rec = self._pack(Node(value, perms, gen, gen))
+        self._charge(path, rec, +1)
+        self._put_record(_key(path), rec, gen)
+        vgen, _cgen, pid = _REC.unpack_from(parent_rec)
+        self._put_record(parent_key, _REC.pack(vgen, gen, pid) + parent_rec[_REC_SIZE:], gen)
+        self.gen = gen
+        if self._garbage:
+            self._collect()
+        return gen
+
+    def remove(self, path: str) -> list[tuple[str, Perms]]:
+        """Delete a live node (not the root) and its subtree as a commit of its own (RM outside
+        a transaction), iteratively.  Returns each removed path with its permissions, top first,
+        then pre-order, for watch events."""
+        gen = self.gen + 1
+        perm_lists = self._perm_lists
+        removed: list[tuple[str, Perms]] = []
+        stack = [path]
+        while stack:
+            p = stack.pop()
+            key = _key(p)
+            rec = self._latest(key)
+            if rec is None:
+                continue
+            removed.append((p, perm_lists[_REC.unpack_from(rec)[2]]))
+            stack.extend(join(p, n) for n in reversed(self.child_names(p)))
+            self._charge(p, rec, -1)
+            self._put_record(key, None, gen)
+        parent_key = _key(parent(path))
+        cur = self._latest(parent_key)
+        if cur is not None:
+            vgen, _cgen, pid = _REC.unpack_from(cur)
+            self._put_record(parent_key, _REC.pack(vgen, gen, pid) + cur[_REC_SIZE:], gen)
+        self.gen = gen
+        self._collect()
+        return removed
+
     def paths(self) -> Iterable[str]:
         """Every path with a live node, in no particular order (for whole-store maintenance)."""
         return [_path(k) for k, v in self._versions.items() if self._at(v, self.gen) is not None]
