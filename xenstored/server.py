@@ -129,16 +129,26 @@ async def run_socket_connection(conn: Connection, sock: pysocket.socket) -> None
     async def reader() -> None:
         nonlocal inline
         batches = 0
+        drained_socket = False
         while True:
             while not conn.wants_input:
                 if conn.doomed:
                     return
                 await drained.wait()
+            if drained_socket:
+                # The last recv emptied the socket on a message boundary: a request-reply client
+                # has nothing more to say until it reads the reply, so a recv now would only
+                # fail with EAGAIN.  Waiting first saves that syscall (one in five per request).
+                drained_socket = False
+                await trio.lowlevel.wait_readable(sock)
+                batches = 0
             try:
                 data = sock.recv(RECV_SIZE)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 continue
+            # ...unless a message is incomplete: libxenstore writes header and payload apart.
+            drained_socket = len(data) < RECV_SIZE and not conn.parser.pending
             if not data:
                 raise _Done()
             inline = True
