@@ -425,19 +425,22 @@ def _read_latencies(c: Client, domids: list[int], per: int, n: int, rng: random.
 
 
 def tree_walk(c: Client, root: str = "/") -> tuple[int, float]:
-    """Every node by pipelined DIRECTORY, level by level, as xenstore-ls would; (nodes, seconds)."""
+    """Every node by pipelined DIRECTORY, level by level, as xenstore-ls would; (nodes, seconds).
+    Paths stay bytes and frames are packed directly: the walk should time the daemon, not the
+    client's string handling."""
+    pack = HEADER.pack
     t0 = perf()
-    level = [root]
+    level = [root.encode()]
     nodes = 0
     while level:
         nodes += len(level)
-        replies = pipeline_bodies(c, [frame(DIRECTORY, z(p)) for p in level], 64)
-        nxt = []
+        replies = pipeline_bodies(c, [pack(DIRECTORY, 0, 0, len(p) + 1) + p + b"\0" for p in level], 64)
+        nxt: list[bytes] = []
         for p, (type_, body) in zip(level, replies, strict=True):
             if type_ == ERROR or not body:
                 continue
-            prefix = p if p.endswith("/") else p + "/"
-            nxt.extend(prefix + name.decode() for name in body.split(b"\0")[:-1])
+            prefix = p if p.endswith(b"/") else p + b"/"
+            nxt.extend([prefix + name for name in body[:-1].split(b"\0")])
         level = nxt
     return nodes, perf() - t0
 

@@ -178,10 +178,13 @@ def test_sighup_reopens_the_log_file():
         assert "ready" in Path(log).read_text()
         os.rename(log, log + ".1")
         d.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(log) and time.monotonic() < deadline:  # reopened: a new file
+            time.sleep(0.05)
         with SyncClient(d.socket) as c:
             c.control("print", "after-rotation")
-        time.sleep(0.2)
+        while "after-rotation" not in Path(log).read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "after-rotation" in Path(log).read_text()
     finally:
         stop_daemon_process(d.proc)

@@ -1,6 +1,8 @@
 """The MVCC node table: versions, snapshots, child index, reclamation."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenstored.perms import owner_only
 from xenstored.store import Store
@@ -135,3 +137,31 @@ def test_overwrites_keep_the_byte_accounting_exact():
     t.put("/a", b"v", owner_only(6), existed=True)  # a new owner: moved between the two
     t.commit()
     assert 5 not in s.owned and s.owned[6] == 1 and s.owned_bytes[6] == node_bytes("/a", s.get("/a"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.sets(st.text(alphabet="ab/\0-", min_size=1, max_size=6), max_size=120),
+    lo=st.text(alphabet="ab/\0-\x01", max_size=6),
+    hi=st.text(alphabet="ab/\0-\x01", max_size=6),
+    load=st.integers(min_value=4, max_value=50),
+)
+def test_index_range_agrees_with_sortedlist_irange(keys, lo, hi, load):
+    """The child-range scan reads sortedcontainers' sublists directly: it must give exactly what
+    the public irange gives, across sublist boundaries (a small load makes many sublists)."""
+    s = Store()
+    s._index._reset(load)
+    s._index.update(keys)
+    assert s._index_range(lo, hi) == list(s._index.irange(lo, hi, inclusive=(True, False)))
+
+
+def test_live_child_names_skip_removed_keys_kept_for_a_snapshot():
+    s = Store()
+    write(s, "/d/a")
+    write(s, "/d/b")
+    snap = s.open_snapshot()
+    delete(s, "/d/a")
+    assert s.child_names("/d") == ["b"]
+    assert s.child_names("/d", snap) == ["a", "b"]
+    s.close_snapshot(snap)
+    assert s.child_names("/d") == ["b"]

@@ -18,6 +18,9 @@ SPECIAL_NAMES = (INTRODUCE_DOMAIN, RELEASE_DOMAIN)
 _VALID = re.compile(r"[A-Za-z0-9/_@-]*\Z")
 _DOMAIN_HOME = re.compile(r"/local/domain/[0-9]{1,5}/")
 _SPECIAL_SUFFIX = re.compile(r"/(0|[1-9][0-9]{0,4})\Z")
+# An absolute path already in canonical form: one match accepts the common case; anything else
+# goes through the checks that say what is wrong.
+_CANONICAL = re.compile(r"/(?:[A-Za-z0-9_@-]+(?:/[A-Za-z0-9_@-]+)*)?\Z")
 
 ROOT = "/"
 
@@ -51,9 +54,13 @@ def canonicalize(path: str, home: str) -> str:
     """
     if not path:
         raise XsError("EINVAL", "empty path")
-    if path[0] == "@":
+    first = path[0]
+    if first == "/":
+        if _CANONICAL.match(path):
+            return path
+    elif first == "@":
         raise XsError("EINVAL", "special path not allowed here")
-    if path[0] != "/":
+    else:
         path = f"{home}/{path}"
     _check_absolute(path)
     return path

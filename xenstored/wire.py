@@ -105,8 +105,12 @@ class ProtocolError(Exception):
     """The byte stream cannot be framed any more (len > 4096); the connection must be dropped."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Message:
+    """One framed message.  Treated as immutable; not declared frozen because a frozen
+    dataclass's __init__ sets each field through object.__setattr__, a measurable cost on
+    every request."""
+
     type: int
     req_id: int
     tx_id: int
