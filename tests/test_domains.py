@@ -263,6 +263,35 @@ def test_messages_split_across_the_ring_wrap(daemon, d0):
             assert g.read("big") == value
 
 
+def test_request_in_pieces_and_oversized_header_consume_what_they_did(daemon, d0):
+    """A header alone, its payload later, then a header announcing too much: the daemon consumes
+    the header and payload in whatever pieces the guest wrote them, and of the oversized one
+    exactly its 16 header bytes, flagging the page (XENSTORE_ERROR_PROTO)."""
+    introduce(d0, daemon, 16)
+    d0.write("/local/domain/16/x", "piecewise")
+    with guestlib.Guest(16, fx(daemon)) as g:
+        req = encode(Op.READ, 77, 0, b"x\0")
+        g.send_raw(req[:16])
+        deadline = time.monotonic() + 5
+        while g.ring.indexes()[0] != 16:  # req_cons: the header was taken on its own
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        g.send_raw(req[16:])
+        p = Parser()
+        msgs: list[Message] = []
+        while not msgs:
+            assert time.monotonic() < deadline
+            msgs = p.feed(g.ring.read())
+            time.sleep(0.01)
+        assert (msgs[0].req_id, msgs[0].payload) == (77, b"piecewise")
+        cons = g.ring.indexes()[0]
+        g.send_raw(encode(Op.READ, 78, 0, b"x\0")[:12] + (5000).to_bytes(4, "little") + b"y" * 40)
+        while g.ring.error != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert g.ring.indexes()[0] == cons + 16
+
+
 # ------------------------------------------------------------------ hostile guests
 @pytest.mark.parametrize("kind,code", [("corrupt-index", 2), ("oversized", 3)])
 def test_broken_guest_is_ignored_and_others_unaffected(daemon, d0, kind, code):

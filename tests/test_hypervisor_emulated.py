@@ -307,6 +307,51 @@ async def test_kicks_coalesce_per_port(fxdir: Path) -> None:
         hv.close()
 
 
+async def test_repeated_kicks_follow_rebinding(fxdir: Path) -> None:
+    """A guest's usual kick is resolved from a cache after the first time; the cache must follow
+    unbind/rebind, other spellings of the same command, and still answer addressed senders."""
+    hv = EmulatedHypervisor(fxdir, domains="5")
+    rec = Recorder()
+    kicker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # unbound: no replies
+    asker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    asker.bind("")
+    asker.settimeout(5)
+
+    async def kicks(*msgs: bytes) -> list[object]:
+        rec.log.clear()
+        for m in msgs:
+            kicker.sendto(m, hv.sock_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hv.run, rec.on_port, rec.on_dom_exc)
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        return rec.log[:]
+
+    try:
+        blocker = hv.bind_interdomain(5, 1)  # takes the lowest port
+        p = hv.bind_interdomain(5, 9)
+        for _ in range(3):
+            assert await kicks(b"notify 5 9") == [("kick", p)]
+        assert await kicks(b"notify 0x5 9", b"notify 5 09") == [("kick", p)]
+        asker.sendto(b"notify 5 9", hv.sock_path)
+        assert await kicks() == [("kick", p)]
+        assert asker.recv(64) == f"ok notify {p}".encode()
+        hv.unbind(p)
+        assert await kicks(b"notify 5 9") == []
+        hv.unbind(blocker)
+        q = hv.bind_interdomain(5, 9)
+        assert q != p
+        assert await kicks(b"notify 5 9") == [("kick", q)]
+        r = hv.bind_interdomain(5, 9)  # a second binding of the pair: kicks still go to the first
+        assert await kicks(b"notify 5 9") == [("kick", q)]
+        hv.unbind(q)
+        assert await kicks(b"notify 5 9") == [("kick", r)]
+    finally:
+        kicker.close()
+        asker.close()
+        hv.close()
+
+
 async def test_port_numbers_follow_fakexen(fxdir: Path) -> None:
     """Lowest free port first, VIRQ on port 1, freed ports are reused."""
     hv = EmulatedHypervisor(fxdir, domains="1-3")

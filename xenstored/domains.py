@@ -23,6 +23,9 @@ from .wire import (
     DOMID_SELF,
     ERRORS,
     FEATURES_ALL,
+    HEADER,
+    HEADER_SIZE,
+    PAYLOAD_MAX,
     Message,
     ProtocolError,
     XsError,
@@ -328,10 +331,19 @@ class DomainManager:
             notify |= self._write(ring, conn)
             parser = conn.parser
             while self.wants_input(dom, conn):
-                data = ring.read(parser.needed())
+                need = parser.needed()
+                data = ring.read(need)
                 if not data:
                     break
                 notify = True
+                if len(data) == HEADER_SIZE and not parser.pending:
+                    # A whole header: take the payload it announces in the same breath, so a
+                    # request costs one feed.  Exactly the bytes the header-then-payload reads
+                    # would consume; an oversized length reads nothing more and the parser
+                    # refuses the header as before.
+                    length = HEADER.unpack_from(data)[3]
+                    if 0 < length <= PAYLOAD_MAX:
+                        data += ring.read(length)
                 conn.feed(data)
                 if dom.ignored or conn.closed:
                     return

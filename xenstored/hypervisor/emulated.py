@@ -144,6 +144,11 @@ class EmulatedHypervisor(Hypervisor):
         # (domid, remote port) -> lowest local port bound to it: a kick costs one lookup, however
         # many domains there are.
         self._by_remote: dict[tuple[int, int], int] = {}
+        # The exact datagram a guest kicks with (``notify <domid> <rport>``, as our Guest and the
+        # oracle's xsring send it) -> its local port, learnt from the first such kick and dropped
+        # whenever a binding changes: a kick then costs one dict lookup instead of decoding and
+        # parsing text.  Bounded by the number of bound ports.
+        self._kicks: dict[bytes, int] = {}
         # Port 1 is the VIRQ_DOM_EXC binding, as in a C xenstored under fakexen (it binds the VIRQ
         # before introducing dom0), so port numbers in replies match the oracle's.
         self.virq_port = 1
@@ -268,6 +273,7 @@ class EmulatedHypervisor(Hypervisor):
         for p in range(1, MAX_PORT):
             if p != self.virq_port and p not in self._ports:
                 self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
+                self._kicks.clear()
                 self._by_remote.setdefault((domid, remote_port), p)
                 return p
         raise XsError("ENOSPC", "no free event channel port")
@@ -275,6 +281,7 @@ class EmulatedHypervisor(Hypervisor):
     def unbind(self, local_port: int) -> None:
         port = self._ports.pop(local_port, None)
         if port is not None:
+            self._kicks.clear()
             port.close()
             if self._by_remote.get((port.domid, port.rport)) == local_port:
                 del self._by_remote[(port.domid, port.rport)]
@@ -350,6 +357,7 @@ class EmulatedHypervisor(Hypervisor):
         kicked: dict[int, None] = {}  # insertion-ordered set: kicks coalesce per port
         virq = False
         replies: list[tuple[bytes, str | bytes]] = []
+        kicks = self._kicks
         for _ in range(BATCH):
             try:
                 data, addr = self._sock.recvfrom(DGRAM_MAX)
@@ -358,6 +366,12 @@ class EmulatedHypervisor(Hypervisor):
             except OSError as e:  # pragma: no cover - e.g. ECONNREFUSED noise; keep serving
                 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                     break
+                continue
+            port = kicks.get(data)
+            if port is not None:  # a guest's kick, seen before
+                kicked[port] = None
+                if addr:
+                    replies.append((b"ok notify %d" % port, addr))
                 continue
             if data == b"wake":
                 continue
@@ -369,10 +383,22 @@ class EmulatedHypervisor(Hypervisor):
                 reply, port, raised = self.command(text)
             if port is not None:
                 kicked[port] = None
+                self._learn_kick(data, port)
             virq |= raised
             if addr:
                 replies.append((reply.encode("ascii", "replace"), addr))
         return list(kicked), virq, replies
+
+    def _learn_kick(self, data: bytes, port: int) -> None:
+        """Remember ``data`` as the kick of ``port`` if it is the canonical ``notify <domid>
+        <rport>`` that resolves to it; other spellings keep taking the parsing path."""
+        b = self._ports.get(port)
+        if (
+            b is not None
+            and data == b"notify %d %d" % (b.domid, b.rport)
+            and self._by_remote.get((b.domid, b.rport)) == port
+        ):
+            self._kicks[data] = port
 
     def _send_replies(self, replies: list[tuple[bytes, str | bytes]]) -> None:
         for reply, addr in replies:
