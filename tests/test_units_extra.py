@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from xenstored import quota
+from xenstored import quota, watches
 from xenstored.perms import Perm
 from xenstored.store import Node, Store
 from xenstored.watches import Watch, WatchRegistry
@@ -87,6 +87,27 @@ def test_watch_matching_depth_and_exact():
     assert {w.token for w in r.matching("/a/b/c")} == {"any", "exact"}
     assert [w.token for w in r.matching("/a/b/c", exact=True)] == ["exact"]
     assert r.matching("/z", exact=True) == []
+
+
+def test_quiet_paths_are_forgotten_when_watches_change():
+    """may_fire remembers paths no watch covers; any watch added or removed must undo that."""
+    r = WatchRegistry()
+    o = object()
+    assert not r.may_fire("/a/b")  # no watches at all
+    r.add(Watch(o, "/z", "/z", "t"))
+    assert not r.may_fire("/a/b") and "/a/b" in r._quiet
+    r.add(Watch(o, "/a", "/a", "deep", depth=0))
+    assert not r.may_fire("/a/b")  # depth 0 only covers /a itself
+    r.add(Watch(o, "/a", "/a", "any"))
+    assert r.may_fire("/a/b")
+    r.remove(o, "/a", "any")
+    assert not r.may_fire("/a/b")
+    r.remove_all(o)
+    r.add(Watch(o, "/a/b", "/a/b", "t"))
+    assert r.may_fire("/a/b")
+    for i in range(watches.QUIET_PATHS_MAX + 10):
+        r.may_fire(f"/q/{i}")
+    assert len(r._quiet) <= watches.QUIET_PATHS_MAX
 
 
 def test_special_watch_matching():

@@ -149,11 +149,11 @@ class Core:
     def fire_value_change(self, path: str, node_perms: Perms) -> None:
         """Watch events for one node whose value a write replaced (the in-place write path):
         nothing is built while no watch is set at all."""
-        if self.watches.count:
+        if self.watches.may_fire(path):
             self.fire([Change(path, False, node_perms, node_perms)])
 
     def fire_created(self, path: str, node_perms: Perms) -> None:
-        if self.watches.count:
+        if self.watches.may_fire(path):
             self.fire([Change(path, False, None, node_perms)])
 
     def fire_removed(self, removed: list[tuple[str, Perms]]) -> None:

@@ -33,6 +33,9 @@ class Watch:
         return len(self.path) + len(self.token) + 2
 
 
+QUIET_PATHS_MAX = 4096
+
+
 class WatchRegistry:
     def __init__(self) -> None:
         self._by_path: dict[str, list[Watch]] = {}
@@ -40,12 +43,17 @@ class WatchRegistry:
         # Bytes of path and token per owner: their share of the memory quota.
         self.bytes: dict[Hashable, int] = {}
         self.count = 0
+        # Paths whose changes fire nothing under the current set of watches: a state key written
+        # over and over then costs one set lookup instead of a walk up its ancestors.  Emptied
+        # whenever a watch comes or goes; bounded.
+        self._quiet: set[str] = set()
 
     def add(self, watch: Watch) -> None:
         mine = self._by_owner.setdefault(watch.owner, {})
         if watch.key in mine:
             raise XsError("EEXIST", "duplicate watch")
         mine[watch.key] = watch
+        self._quiet.clear()
         self._by_path.setdefault(watch.cpath, []).append(watch)
         self.bytes[watch.owner] = self.bytes.get(watch.owner, 0) + watch.size
         self.count += 1
@@ -59,6 +67,7 @@ class WatchRegistry:
         return watch
 
     def _unindex(self, watch: Watch) -> None:
+        self._quiet.clear()
         left = self.bytes.get(watch.owner, 0) - watch.size
         if left > 0:
             self.bytes[watch.owner] = left
@@ -110,6 +119,17 @@ class WatchRegistry:
                 return out
             cut = anc.rfind("/")
             anc = anc[:cut] if cut > 0 else ROOT
+
+    def may_fire(self, path: str) -> bool:
+        """Whether a (non-exact) change of ``path`` fires any watch; False is remembered."""
+        if not self.count or path in self._quiet:
+            return False
+        if self.matching(path):
+            return True
+        if len(self._quiet) >= QUIET_PATHS_MAX:
+            self._quiet.clear()
+        self._quiet.add(path)
+        return False
 
     def matching_special(self, name: str, domid: int | None) -> list[tuple[Watch, str]]:
         """Watches for ``@introduceDomain``/``@releaseDomain`` and the event path each gets.
