@@ -75,8 +75,7 @@ class Connection:
     # ------------------------------------------------------------------------- input
     def feed(self, data: bytes) -> None:
         """Frame and process everything complete in ``data``.  Raises ProtocolError."""
-        from .ops import dispatch
-
+        dispatch = _ops.dispatch
         for msg in self.parser.feed(data):
             if self.closed:
                 return
@@ -84,9 +83,7 @@ class Connection:
             dispatch(self, msg)
 
     def process(self, msg: Message) -> None:
-        from .ops import dispatch
-
-        dispatch(self, msg)
+        _ops.dispatch(self, msg)
 
     @property
     def outstanding(self) -> int:
@@ -264,3 +261,9 @@ class Connection:
         self.closed = True
         self.reset()
         self.core.forget_connection(self)
+
+
+# ops.py needs Connection and Connection needs the dispatcher: importing the module here (not a
+# name from it) works whichever of the two is imported first, and costs nothing per request,
+# unlike an import statement inside feed().
+from . import ops as _ops
