@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sansio import Peer, make_core
 
-from xenstored.domains import DomainManager
+from xenstored.domains import PUMP_ROUNDS, DomainManager
 from xenstored.hypervisor.base import DomainInfo, Hypervisor
 from xenstored.ring import GuestRing, RingError
 from xenstored.wire import ERRORS, HEADER, PAYLOAD_MAX, Op, Parser, ProtocolError, encode
@@ -250,3 +250,46 @@ def test_ring_answers_every_request_whatever_the_chunking(reqs, chunk, read_ever
         assert step < 100000
     assert got == list(range(1, len(reqs) + 1))
     assert not dom.ignored
+
+
+def test_pump_answers_a_guest_that_replies_at_once_without_another_kick():
+    """A guest that reads its reply and writes the next request as soon as it is notified (it ran
+    on the daemon's CPU) gets that request answered in the same pump, up to PUMP_ROUNDS times;
+    then the pump returns and the last request waits for the guest's kick."""
+    core, hv, mgr, _ = ring_world()
+    dom = core.domains[5]
+    g = GuestRing(memoryview(hv.pages[5]))
+    parser = Parser()
+    answered: list[int] = []
+    sent = [1]
+
+    def guest_runs(port: int) -> None:
+        FakeHypervisor.notify(hv, port)
+        answered.extend(m.req_id for m in parser.feed(g.read()))
+        sent.append(sent[-1] + 1)
+        assert g.write(encode(Op.READ, sent[-1], 0, b"alive\0")) > 0
+
+    hv.notify = guest_runs  # type: ignore[method-assign]
+    hv.kicks = 0
+    g.write(encode(Op.READ, 1, 0, b"alive\0"))
+    mgr.pump(dom)
+    assert answered == list(range(1, PUMP_ROUNDS + 1))
+    assert hv.kicks == PUMP_ROUNDS
+    assert g.readable == 0 and g.indexes()[0] != g.indexes()[1]  # the last request still waits
+    mgr.pump(dom)
+    assert answered == list(range(1, 2 * PUMP_ROUNDS + 1))
+
+
+def test_pump_notifies_once_for_a_batch():
+    """Pipelined requests: all answered, and one notification for the lot."""
+    core, hv, mgr, _ = ring_world()
+    dom = core.domains[5]
+    g = GuestRing(memoryview(hv.pages[5]))
+    for i in range(1, 6):
+        g.write(encode(Op.READ, i, 0, b"alive\0"))
+    hv.kicks = 0
+    mgr.pump(dom)
+    assert [m.req_id for m in Parser().feed(g.read())] == [1, 2, 3, 4, 5]
+    assert hv.kicks == 1
+    mgr.pump(dom)  # a late kick: nothing to do, nobody notified
+    assert hv.kicks == 1

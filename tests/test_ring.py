@@ -67,6 +67,19 @@ def test_empty_read_and_full_write(page: bytearray) -> None:
     assert r.writable == 0 and r.output_pending == RING_SIZE
 
 
+def test_has_input_never_raises(page: bytearray) -> None:
+    r, g = Ring(page), GuestRing(page)
+    assert not r.has_input
+    g.write(b"abc")
+    assert r.has_input and not g.has_input
+    r.read()
+    assert not r.has_input
+    set_word(page, OFFSETS["req_prod"], 5000)  # corrupt: read raises, has_input just says yes
+    assert r.has_input
+    with pytest.raises(RingError):
+        r.read()
+
+
 @pytest.mark.parametrize("start", [0, 1, 511, 1000, 1023, 1024, 4095, MASK - 10, MASK])
 def test_request_roundtrip_with_free_running_indexes(page: bytearray, start: int) -> None:
     for off in (2048, 2052):

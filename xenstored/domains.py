@@ -45,6 +45,10 @@ log = logging.getLogger("xenstored.domains")
 
 OK = b"OK\0"
 RECONNECT = 1
+# How many times one pump notifies the guest and looks at its ring again before it returns to the
+# event loop: a guest answering at once gets several round trips per wakeup, but other clients
+# and the kicks queued meanwhile (the emulated channel's queue holds only a few) are not starved.
+PUMP_ROUNDS = 4
 ERROR_PROTO = 3
 
 
@@ -330,24 +334,32 @@ class DomainManager:
                 notify = True
             notify |= self._write(ring, conn)
             parser = conn.parser
-            while self.wants_input(dom, conn):
-                need = parser.needed()
-                data = ring.read(need)
-                if not data:
+            for _round in range(PUMP_ROUNDS):
+                while ring.has_input and self.wants_input(dom, conn):
+                    data = ring.read(parser.needed())
+                    if not data:
+                        break
+                    notify = True
+                    if len(data) == HEADER_SIZE and not parser.pending:
+                        # A whole header: take the payload it announces in the same breath, so
+                        # a request costs one feed.  Exactly the bytes the header-then-payload
+                        # reads would consume; an oversized length reads nothing more and the
+                        # parser refuses the header as before.
+                        length = HEADER.unpack_from(data)[3]
+                        if 0 < length <= PAYLOAD_MAX:
+                            data += ring.read(length)
+                    conn.feed(data)
+                    if dom.ignored or conn.closed:
+                        return
+                    self._write(ring, conn)
+                if not notify or dom.local_port is None or ring.connection == RECONNECT:
                     break
-                notify = True
-                if len(data) == HEADER_SIZE and not parser.pending:
-                    # A whole header: take the payload it announces in the same breath, so a
-                    # request costs one feed.  Exactly the bytes the header-then-payload reads
-                    # would consume; an oversized length reads nothing more and the parser
-                    # refuses the header as before.
-                    length = HEADER.unpack_from(data)[3]
-                    if 0 < length <= PAYLOAD_MAX:
-                        data += ring.read(length)
-                conn.feed(data)
-                if dom.ignored or conn.closed:
-                    return
-                self._write(ring, conn)
+                # Input exhausted: tell the guest now, then look once more.  A guest that reads
+                # the reply and writes its next request while we are still here (it ran on our
+                # CPU as soon as the notification woke it) is answered without another wakeup
+                # and trip through the event loop; its kicks find an empty ring later.
+                self.hv.notify(dom.local_port)
+                notify = False
         except RingError as e:
             self._ignore(dom, f"ring index corrupt ({e.detail})")
             notify = True

@@ -209,6 +209,13 @@ class _RingBase:
         return avail
 
     @property
+    def has_input(self) -> bool:
+        """Whether the input indexes differ: a cheap "anything to read?" that never raises (a
+        corrupt index also answers True, and ``read`` then reports it)."""
+        w = self._words
+        return w[self._in_prod] != w[self._in_cons]
+
+    @property
     def writable(self) -> int:
         """Free output space; raises RingError for corrupt indexes like ``write``."""
         w = self._words
