@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sansio import Peer, make_core
 
-from xenstored.domains import PUMP_ROUNDS, DomainManager
+from xenstored.domains import PROMPT_HIT, PROMPT_MAX, PUMP_ROUNDS, DomainManager
 from xenstored.hypervisor.base import DomainInfo, Hypervisor
 from xenstored.ring import GuestRing, RingError
 from xenstored.wire import ERRORS, HEADER, PAYLOAD_MAX, Op, Parser, ProtocolError, encode
@@ -255,41 +255,65 @@ def test_ring_answers_every_request_whatever_the_chunking(reqs, chunk, read_ever
 def test_pump_answers_a_guest_that_replies_at_once_without_another_kick():
     """A guest that reads its reply and writes the next request as soon as it is notified (it ran
     on the daemon's CPU) gets that request answered in the same pump, up to PUMP_ROUNDS times;
-    then the pump returns and the last request waits for the guest's kick."""
+    then the pump returns and the last request waits for the guest's kick.  Such a guest is
+    recognised as prompt and no longer gets the early notification, which would only wake it
+    before its reply is there."""
     core, hv, mgr, _ = ring_world()
     dom = core.domains[5]
     g = GuestRing(memoryview(hv.pages[5]))
     parser = Parser()
     answered: list[int] = []
-    sent = [1]
+    woken_for_nothing = [0]
 
     def guest_runs(port: int) -> None:
         FakeHypervisor.notify(hv, port)
-        answered.extend(m.req_id for m in parser.feed(g.read()))
-        sent.append(sent[-1] + 1)
-        assert g.write(encode(Op.READ, sent[-1], 0, b"alive\0")) > 0
+        got = [m.req_id for m in parser.feed(g.read())]
+        if not got:
+            woken_for_nothing[0] += 1
+        for rid in got:
+            answered.append(rid)
+            assert g.write(encode(Op.READ, rid + 1, 0, b"alive\0")) > 0
 
     hv.notify = guest_runs  # type: ignore[method-assign]
     hv.kicks = 0
+    assert dom.prompt == 0
     g.write(encode(Op.READ, 1, 0, b"alive\0"))
     mgr.pump(dom)
     assert answered == list(range(1, PUMP_ROUNDS + 1))
-    assert hv.kicks == PUMP_ROUNDS
+    assert woken_for_nothing[0] == 1  # the early notification, before the first reply
+    assert hv.kicks == PUMP_ROUNDS + 1
+    assert dom.prompt == min((PUMP_ROUNDS - 1) * PROMPT_HIT, PROMPT_MAX)
     assert g.readable == 0 and g.indexes()[0] != g.indexes()[1]  # the last request still waits
     mgr.pump(dom)
     assert answered == list(range(1, 2 * PUMP_ROUNDS + 1))
+    assert woken_for_nothing[0] == 1 and hv.kicks == 2 * PUMP_ROUNDS + 1
 
 
-def test_pump_notifies_once_for_a_batch():
-    """Pipelined requests: all answered, and one notification for the lot."""
+def test_pump_notifies_early_only_a_guest_that_is_slow_to_wake():
+    """Pipelined requests, all answered.  A guest that never answers within the pump gets an
+    early notification (on consuming its requests) besides the one for the replies; one known to
+    answer at once gets only the latter, until it has been slow for a while."""
     core, hv, mgr, _ = ring_world()
     dom = core.domains[5]
     g = GuestRing(memoryview(hv.pages[5]))
-    for i in range(1, 6):
-        g.write(encode(Op.READ, i, 0, b"alive\0"))
+    parser = Parser()
+
+    def batch(first: int) -> list[int]:
+        for i in range(first, first + 5):
+            g.write(encode(Op.READ, i, 0, b"alive\0"))
+        hv.kicks = 0
+        mgr.pump(dom)
+        return [m.req_id for m in parser.feed(g.read())]
+
+    assert batch(1) == [1, 2, 3, 4, 5]
+    assert hv.kicks == 2
     hv.kicks = 0
-    mgr.pump(dom)
-    assert [m.req_id for m in Parser().feed(g.read())] == [1, 2, 3, 4, 5]
-    assert hv.kicks == 1
     mgr.pump(dom)  # a late kick: nothing to do, nobody notified
-    assert hv.kicks == 1
+    assert hv.kicks == 0
+    dom.prompt = 3
+    for n in range(3):
+        assert batch(10 * n + 10) == list(range(10 * n + 10, 10 * n + 15))
+        assert hv.kicks == 1  # each look after the notification finds nothing: prompt goes down
+    assert dom.prompt == 0
+    assert batch(50) == [50, 51, 52, 53, 54]
+    assert hv.kicks == 2

@@ -49,6 +49,16 @@ RECONNECT = 1
 # event loop: a guest answering at once gets several round trips per wakeup, but other clients
 # and the kicks queued meanwhile (the emulated channel's queue holds only a few) are not starved.
 PUMP_ROUNDS = 4
+# Whether to notify early, on consuming a request rather than only once the reply is written,
+# depends on how fast the guest wakes up.  A guest whose CPU was idle (halted) takes tens of
+# microseconds to run again: notified early, it wakes while we work and finds its reply (C
+# notifies on read and on write for the same reason).  A guest that runs the moment it is
+# notified (it shares our CPU) would only find an empty ring and go back to sleep, costing it a
+# wakeup and us a context switch.  ``Domain.prompt`` tells them apart: it grows by PROMPT_HIT
+# each time a second look finds the next request already there, shrinks by 1 each time it does
+# not, and early notifications are sent only while it is 0.
+PROMPT_HIT = 4
+PROMPT_MAX = 16
 ERROR_PROTO = 3
 
 
@@ -68,6 +78,7 @@ class Domain:
         # Misbehaved (bad ring index, oversized request): the error field is set and nothing is
         # read or written until the domain dies or the toolstack re-introduces it.
         self.ignored = False
+        self.prompt = 0  # see domains.PROMPT_HIT: high while the guest answers notifications at once
 
     def __repr__(self) -> str:
         return f"<Domain {self.domid}{' introduced' if self.introduced else ''}>"
@@ -334,12 +345,17 @@ class DomainManager:
                 notify = True
             notify |= self._write(ring, conn)
             parser = conn.parser
-            for _round in range(PUMP_ROUNDS):
+            for again in range(PUMP_ROUNDS):
+                found = False
                 while ring.has_input and self.wants_input(dom, conn):
                     data = ring.read(parser.needed())
                     if not data:
                         break
-                    notify = True
+                    if not (notify or again or dom.prompt) and dom.local_port is not None:
+                        # Request bytes consumed: notify at once, as C does, so that the guest
+                        # wakes up while we work and finds the reply when it gets to look.
+                        self.hv.notify(dom.local_port)
+                    notify = found = True
                     if len(data) == HEADER_SIZE and not parser.pending:
                         # A whole header: take the payload it announces in the same breath, so
                         # a request costs one feed.  Exactly the bytes the header-then-payload
@@ -352,6 +368,9 @@ class DomainManager:
                     if dom.ignored or conn.closed:
                         return
                     self._write(ring, conn)
+                if again:
+                    # Did the guest answer our notification before we even looked again?
+                    dom.prompt = min(dom.prompt + PROMPT_HIT, PROMPT_MAX) if found else max(dom.prompt - 1, 0)
                 if not notify or dom.local_port is None or ring.connection == RECONNECT:
                     break
                 # Input exhausted: tell the guest now, then look once more.  A guest that reads
