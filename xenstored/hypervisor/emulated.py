@@ -352,15 +352,16 @@ class EmulatedHypervisor(Hypervisor):
             return f"err unknown command {cmd}"[:200], None, False
         return f"ok {cmd} {domid}", None, True
 
-    def _drain(self) -> tuple[list[int], bool, list[tuple[bytes, str | bytes]]]:
+    def _drain(self) -> tuple[dict[int, None], bool, list[tuple[bytes, str | bytes]]]:
         """Read up to BATCH datagrams; returns (kicked ports in order, virq raised, replies)."""
         kicked: dict[int, None] = {}  # insertion-ordered set: kicks coalesce per port
         virq = False
         replies: list[tuple[bytes, str | bytes]] = []
         kicks = self._kicks
+        recvfrom = self._sock.recvfrom
         for _ in range(BATCH):
             try:
-                data, addr = self._sock.recvfrom(DGRAM_MAX)
+                data, addr = recvfrom(DGRAM_MAX)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:  # pragma: no cover - e.g. ECONNREFUSED noise; keep serving
@@ -387,7 +388,7 @@ class EmulatedHypervisor(Hypervisor):
             virq |= raised
             if addr:
                 replies.append((reply.encode("ascii", "replace"), addr))
-        return list(kicked), virq, replies
+        return kicked, virq, replies
 
     def _learn_kick(self, data: bytes, port: int) -> None:
         """Remember ``data`` as the kick of ``port`` if it is the canonical ``notify <domid>
@@ -415,6 +416,7 @@ class EmulatedHypervisor(Hypervisor):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         task_status.started()
+        ports = self._ports
         while True:
             # wait_readable is the loop's one scheduling point: another pass per batch would
             # only add latency to every ring round trip.
@@ -422,14 +424,15 @@ class EmulatedHypervisor(Hypervisor):
             kicked, virq, replies = self._drain()
             try:
                 for port in kicked:
-                    if port in self._ports:  # may have been unbound by an earlier callback
+                    if port in ports:  # may have been unbound by an earlier callback
                         on_port_kicked(port)
                 if virq:
                     res = on_dom_exc()
                     if inspect.isawaitable(res):
                         await res
             finally:
-                self._send_replies(replies)
+                if replies:
+                    self._send_replies(replies)
 
     def close(self) -> None:
         for domid in list(self._maps):
