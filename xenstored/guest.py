@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Self
 
-from .ring import PAGE_SIZE, RECONNECT, GuestRing
+from .ring import PAGE_SIZE, RECONNECT, RING_SIZE, GuestRing
 from .wire import ERRORS, Op, Parser, XsError, encode
 
 Text = str | bytes
@@ -189,7 +189,11 @@ class Guest:
         data = self.ring.read()
         if not data:
             return False
-        self.kick()  # there is room in rsp again
+        if len(data) >= RING_SIZE:
+            # The ring was full, so the daemon may be waiting for room: tell it (as Linux's
+            # xb_read does).  Otherwise it is not waiting, and a kick would only cost both sides
+            # a wakeup per reply.
+            self.kick()
         for m in self._parser.feed(data):
             if m.type == Op.WATCH_EVENT:
                 parts = m.payload.split(b"\0")
