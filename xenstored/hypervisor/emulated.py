@@ -352,12 +352,18 @@ class EmulatedHypervisor(Hypervisor):
             return f"err unknown command {cmd}"[:200], None, False
         return f"ok {cmd} {domid}", None, True
 
-    def _drain(self) -> tuple[dict[int, None], bool, list[tuple[bytes, str | bytes]]]:
-        """Read up to BATCH datagrams; returns (kicked ports in order, virq raised, replies)."""
-        kicked: dict[int, None] = {}  # insertion-ordered set: kicks coalesce per port
+    def _drain(
+        self, on_port_kicked: PortCallback, replies: list[tuple[bytes, str | bytes]]
+    ) -> tuple[dict[int, None], bool]:
+        """Read up to BATCH datagrams, pumping each kicked port as soon as its first kick is read:
+        the guest is waiting for that, the rest of the queue is not.  Returns the ports kicked
+        again after their pump (in order, each once: pump them once more) and whether
+        VIRQ_DOM_EXC was raised; replies owed to senders are appended to ``replies``."""
+        pumped: set[int] = set()
+        again: dict[int, None] = {}  # insertion-ordered set: later kicks coalesce per port
         virq = False
-        replies: list[tuple[bytes, str | bytes]] = []
         kicks = self._kicks
+        ports = self._ports
         recvfrom = self._sock.recvfrom
         for _ in range(BATCH):
             try:
@@ -370,25 +376,29 @@ class EmulatedHypervisor(Hypervisor):
                 continue
             port = kicks.get(data)
             if port is not None:  # a guest's kick, seen before
-                kicked[port] = None
                 if addr:
                     replies.append((b"ok notify %d" % port, addr))
+            elif data == b"wake":
                 continue
-            if data == b"wake":
-                continue
-            try:
-                text = data.decode("ascii")
-            except UnicodeDecodeError:
-                reply, port, raised = "err bad command", None, False
             else:
-                reply, port, raised = self.command(text)
-            if port is not None:
-                kicked[port] = None
+                try:
+                    text = data.decode("ascii")
+                except UnicodeDecodeError:
+                    reply, port, raised = "err bad command", None, False
+                else:
+                    reply, port, raised = self.command(text)
+                virq |= raised
+                if addr:
+                    replies.append((reply.encode("ascii", "replace"), addr))
+                if port is None:
+                    continue
                 self._learn_kick(data, port)
-            virq |= raised
-            if addr:
-                replies.append((reply.encode("ascii", "replace"), addr))
-        return kicked, virq, replies
+            if port in pumped:
+                again[port] = None
+            elif port in ports:  # may have been unbound by an earlier callback
+                pumped.add(port)
+                on_port_kicked(port)
+        return again, virq
 
     def _learn_kick(self, data: bytes, port: int) -> None:
         """Remember ``data`` as the kick of ``port`` if it is the canonical ``notify <domid>
@@ -421,10 +431,11 @@ class EmulatedHypervisor(Hypervisor):
             # wait_readable is the loop's one scheduling point: another pass per batch would
             # only add latency to every ring round trip.
             await trio.lowlevel.wait_readable(self._sock)
-            kicked, virq, replies = self._drain()
+            replies: list[tuple[bytes, str | bytes]] = []
             try:
-                for port in kicked:
-                    if port in ports:  # may have been unbound by an earlier callback
+                again, virq = self._drain(on_port_kicked, replies)
+                for port in again:
+                    if port in ports:
                         on_port_kicked(port)
                 if virq:
                     res = on_dom_exc()
