@@ -337,6 +337,10 @@ def test_path_max_applies_below_guest_home(core, d0):
     g = guest(core, 5)
     g.write("a" * 10, "")
     assert g.err(Op.WRITE, b"a" * 11 + b"\0") == "EINVAL"
+    # Outside the home the whole path counts: 10 characters pass the length check (and meet the
+    # permission check), 11 do not.
+    assert g.err(Op.READ, b"/tool/abcd\0") == "EACCES"
+    assert g.err(Op.READ, b"/tool/abcde\0") == "EINVAL"
     d0.write("/local/domain/5/" + "b" * 50, "")  # the privileged are exempt
 
 

@@ -49,8 +49,10 @@ def node_path(conn: Connection, raw: bytes) -> str:
 def _check_path_max(conn: Connection, path: str) -> None:
     if conn.privileged or conn.is_socket:
         return
-    limit = conn.domain.quotas["path-max"]
-    if quota.exceeds(limit, paths.effective_length(path)):
+    limit = conn.domain.quotas.values["path-max"]
+    # quota.exceeds(limit, effective_length(path)), without the pattern match for the usual
+    # path no longer than the limit (the effective length never exceeds the full length).
+    if limit and len(path) > limit and paths.effective_length(path) > limit:
         raise XsError("EINVAL", "path too long")
 
 
