@@ -289,9 +289,34 @@ def test_pump_answers_a_guest_that_replies_at_once_without_another_kick():
     assert woken_for_nothing[0] == 1 and hv.kicks == 2 * PUMP_ROUNDS + 1
 
 
+def test_early_notification_is_sent_before_the_request_is_read():
+    """The pump's first act for a guest slow to wake: its CPU starts waking while the request is
+    read and answered (every microsecond before the notification counts on 2 CPUs); the second
+    notification follows the reply."""
+    core, hv, mgr, _ = ring_world()
+    dom = core.domains[5]
+    g = GuestRing(memoryview(hv.pages[5]))
+    seen: list[tuple[int, int]] = []
+
+    def note(port: int) -> None:
+        FakeHypervisor.notify(hv, port)
+        seen.append((g.indexes()[0], g.readable))  # (req_cons, reply bytes waiting)
+
+    hv.notify = note  # type: ignore[method-assign]
+    assert dom.prompt == 0
+    g.write(encode(Op.READ, 1, 0, b"alive\0"))
+    mgr.pump(dom)
+    assert len(seen) == 2
+    assert seen[0] == (0, 0)
+    assert seen[1][0] > 0 and seen[1][1] > 0
+    seen.clear()
+    mgr.pump(dom)  # nothing waiting: nobody notified
+    assert seen == []
+
+
 def test_pump_notifies_early_only_a_guest_that_is_slow_to_wake():
     """Pipelined requests, all answered.  A guest that never answers within the pump gets an
-    early notification (on consuming its requests) besides the one for the replies; one known to
+    early notification (requests waiting) besides the one for the replies; one known to
     answer at once gets only the latter, until it has been slow for a while."""
     core, hv, mgr, _ = ring_world()
     dom = core.domains[5]

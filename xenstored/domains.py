@@ -49,8 +49,8 @@ RECONNECT = 1
 # event loop: a guest answering at once gets several round trips per wakeup, but other clients
 # and the kicks queued meanwhile (the emulated channel's queue holds only a few) are not starved.
 PUMP_ROUNDS = 4
-# Whether to notify early, on consuming a request rather than only once the reply is written,
-# depends on how fast the guest wakes up.  A guest whose CPU was idle (halted) takes tens of
+# Whether to notify early, as soon as a request is waiting rather than only once the reply is
+# written, depends on how fast the guest wakes up.  A guest whose CPU was idle (halted) takes tens of
 # microseconds to run again: notified early, it wakes while we work and finds its reply (C
 # notifies on read and on write for the same reason).  A guest that runs the moment it is
 # notified (it shares our CPU) would only find an empty ring and go back to sleep, costing it a
@@ -336,7 +336,15 @@ class DomainManager:
         # periodic scan) brings us back; marking it dirty here would spin.
 
     def _pump(self, dom: Domain, ring: Ring, conn: Connection) -> None:
-        notify = False
+        # A request waiting: notify the guest before anything else (C notifies on consuming
+        # it), so that its CPU is waking up while we read and answer, and it finds the reply
+        # when it gets to look.  Moving this from after the request's header was read to here
+        # gained ~5 µs per round trip on 2 CPUs (see PROMPT_HIT for who gets it).
+        notify = (
+            not dom.prompt and dom.local_port is not None and ring.has_input and self.wants_input(dom, conn)
+        )
+        if notify:
+            self.hv.notify(dom.local_port)
         if not conn.privileged:
             conn.expire_events(self.core.config.watch_event_timeout)
         try:
@@ -353,10 +361,6 @@ class DomainManager:
                     data = ring.read(parser.needed())
                     if not data:
                         break
-                    if not (notify or again or dom.prompt) and dom.local_port is not None:
-                        # Request bytes consumed: notify at once, as C does, so that the guest
-                        # wakes up while we work and finds the reply when it gets to look.
-                        self.hv.notify(dom.local_port)
                     notify = found = True
                     if len(data) == HEADER_SIZE and not parser.pending:
                         # A whole header: take the payload it announces in the same breath, so
