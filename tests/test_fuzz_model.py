@@ -415,6 +415,14 @@ class DaemonMachine(RuleBasedStateMachine):
             self.check_events({})
             return
         assert out[0] == "ok", out
+        if not wrote:
+            # A read-only transaction serialises at its snapshot (SPEC Part A), not at its
+            # commit: replaying it there gives exactly the answers it got, and it fires nothing.
+            at_snapshot = snap.copy()
+            for op, path, args, result in log:
+                assert _call(getattr(at_snapshot, op), path, *args, 0) == result, ("not serializable", log)
+            self.check_events({})
+            return
         # Serializable: replaying the transaction now gives exactly the answers it got.
         for op, path, args, result in log:
             assert _call(getattr(self.model, op), path, *args, 0) == result, ("not serializable", log)
