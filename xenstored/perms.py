@@ -8,7 +8,7 @@ list only: there is no traversal check through ancestors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .wire import DOMID_ANY, XsError
 
@@ -23,8 +23,11 @@ _ACCESS_TO_LETTER = {v: k for k, v in _LETTER_TO_ACCESS.items()}
 DOMID_MAX = 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class Perm:
+class Perm(NamedTuple):
+    """One entry of a permission list.  A named tuple, not a dataclass: permission lists are
+    dictionary keys on every commit (the store numbers distinct lists), and a tuple hashes and
+    compares in C where a dataclass calls Python methods per entry."""
+
     domid: int
     access: int
     # Stale entry (its domain is gone or unknown): listed by GET_PERMS, grants nothing.

@@ -118,13 +118,16 @@ class Store:
     def __len__(self) -> int:
         return sum(1 for _ in self.walk())
 
-    def _pack(self, node: Node) -> Record:
-        pid = self._perm_ids.get(node.perms)
+    def _perm_id(self, node_perms: Perms) -> int:
+        pid = self._perm_ids.get(node_perms)
         if pid is None:
             pid = len(self._perm_lists)
-            self._perm_ids[node.perms] = pid
-            self._perm_lists.append(node.perms)
-        return _REC.pack(node.vgen, node.cgen, pid) + node.value
+            self._perm_ids[node_perms] = pid
+            self._perm_lists.append(node_perms)
+        return pid
+
+    def _pack(self, node: Node) -> Record:
+        return _REC.pack(node.vgen, node.cgen, self._perm_id(node.perms)) + node.value
 
     def _unpack(self, rec: Record) -> Node:
         vgen, cgen, pid = _REC.unpack_from(rec)
@@ -346,6 +349,7 @@ class Store:
         """
         gen = self.gen + 1
         touched_parents: set[str] = set()
+        owned, owned_bytes = self.owned, self.owned_bytes
         for path, new in writes.items():
             key = _key(path)
             cur = self._latest(key)
@@ -368,14 +372,20 @@ class Store:
                     touched_parents.add(parent(path))
                 self._put_record(key, None, gen)
                 continue
+            node_perms = new.perms
             if cur is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))
                 cgen = gen
             else:
                 cgen = _REC.unpack_from(cur)[1]
-            rec = self._pack(Node(new.value, new.perms, gen, cgen))
-            self._charge(path, rec, +1)
+            pid = self._perm_ids.get(node_perms)
+            if pid is None:
+                pid = self._perm_id(node_perms)
+            rec = _REC.pack(gen, cgen, pid) + new.value
+            o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
+            owned[o] = owned.get(o, 0) + 1
+            owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
             self._put_record(key, rec, gen)
         for p in touched_parents:
             key = _key(p)

@@ -203,6 +203,10 @@ class Transaction:
         try:
             if not self.validate():
                 raise Conflict()
+            # Validated: our own snapshot has served its purpose.  Releasing it before the
+            # install means the versions we replace need not be kept for it (when no other
+            # snapshot is open, apply then writes plain records instead of version lists).
+            self.close()
             if self.writes:
                 self.store.apply(self.writes)
             return list(self.changes.values())
