@@ -258,13 +258,16 @@ def op_mkdir(conn: Connection, msg: Message, txn: Transaction) -> bytes:
 
 def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
-    try:
-        get_node(conn, txn, path, WRITE)
-    except XsError as e:
-        # C: removing what is already gone is fine, as long as the parent exists.
-        if e.name == "ENOENT" and txn.get(paths.parent(path)) is not None:
+    node = txn.get(path)
+    if node is None:
+        # C: removing what is already gone is fine, as long as the parent exists (a toolstack
+        # clears every path it is about to create, so this is common: no exception raised).
+        err = _disclose(conn, txn, path, "ENOENT", WRITE)
+        if err.name == "ENOENT" and txn.get(paths.parent(path)) is not None:
             return OK
-        raise
+        raise err
+    if not can(conn, node.perms, WRITE):
+        raise XsError("EACCES")
     if path == paths.ROOT:
         raise XsError("EINVAL", "cannot remove /")
     domid = conn.domid
