@@ -11,8 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import paths, quota
-from .store import node_bytes
+from . import quota
 from .wire import XsError
 
 if TYPE_CHECKING:
@@ -68,19 +67,14 @@ def _print(conn: Connection, args: list[str]) -> bytes:
 
 @command("check", "")
 def _check(conn: Connection, args: list[str]) -> bytes:
-    """Verify the store's internal consistency and the per-owner node counts, repairing counts."""
+    """Verify the store's internal consistency (every node's parent exists and the child index
+    lists it) and the per-owner node counts, repairing counts."""
     if args:
         raise XsError("EINVAL")
     store = conn.core.store
-    counts: dict[int, int] = {}
-    sizes: dict[int, int] = {}
-    for path in store.walk():
-        node = store.get(path)
-        assert node is not None
-        counts[node.owner] = counts.get(node.owner, 0) + 1
-        sizes[node.owner] = sizes.get(node.owner, 0) + node_bytes(path, node)
-        if path != paths.ROOT and store.get(paths.parent(path)) is None:
-            log.error("check: %s has no parent", path)
+    counts, sizes, broken = store.audit()
+    for path in broken[:20]:
+        log.error("check: %s has no parent or is missing from the child index", path)
     if counts != store.owned or sizes != store.owned_bytes:
         log.warning("check: node accounting repaired (%s -> %s)", store.owned, counts)
         store.owned.clear()
