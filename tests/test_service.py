@@ -175,10 +175,13 @@ def test_sighup_reopens_the_log_file():
     log = os.path.join(rundir, "x.log")
     d = start_daemon("--log-file", log, rundir=rundir)
     try:
+        # The socket accepts (which start_daemon waits for) a moment before "ready" is logged.
+        deadline = time.monotonic() + 10
+        while "ready" not in Path(log).read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "ready" in Path(log).read_text()
         os.rename(log, log + ".1")
         d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
         while not os.path.exists(log) and time.monotonic() < deadline:  # reopened: a new file
             time.sleep(0.05)
         with SyncClient(d.socket) as c:
