@@ -157,41 +157,16 @@ def w_pipelined(d: Daemon, size: Size, rnd: int) -> Metrics:
 
 # ------------------------------------------------------------------------------------- idle conns
 @contextlib.contextmanager
-def pinned_apart(daemon_pid: int) -> Iterator[None]:
-    """Daemon on one CPU, this client on another, for the duration.
-
-    On a VM the scheduler sometimes runs client and daemon on one CPU (a round trip then costs
-    the sum of their CPU time) and sometimes on two (plus a cross-CPU wakeup each way: about
-    47 µs against 30 here), and it changes its mind when connections come and go.  Latency
-    comparisons within one daemon (the own-ratio targets) would otherwise measure that choice;
-    two CPUs is the dom0 case (toolstack and daemon on different vCPUs).  No-op on one CPU.
-    """
+def _pinned(daemon_pid: int, apart: bool) -> Iterator[None]:
+    """This client on the first CPU and the daemon on the second (``apart``) or the same one,
+    for the duration; unpinned if there is one CPU or the daemon is not ours to pin."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    if apart and len(cpus) < 2:
         yield
         return
     try:
         before = os.sched_getaffinity(daemon_pid)
-        os.sched_setaffinity(daemon_pid, {cpus[1]})
-    except OSError:  # not ours to pin: measure unpinned
-        yield
-        return
-    os.sched_setaffinity(0, {cpus[0]})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, cpus)
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(daemon_pid, before)
-
-
-@contextlib.contextmanager
-def pinned_together(daemon_pid: int) -> Iterator[None]:
-    """Daemon and this client on one CPU, for the duration (see :func:`pinned_apart`)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    try:
-        before = os.sched_getaffinity(daemon_pid)
-        os.sched_setaffinity(daemon_pid, {cpus[0]})
+        os.sched_setaffinity(daemon_pid, {cpus[1] if apart else cpus[0]})
     except OSError:
         yield
         return
@@ -202,6 +177,23 @@ def pinned_together(daemon_pid: int) -> Iterator[None]:
         os.sched_setaffinity(0, cpus)
         with contextlib.suppress(OSError):
             os.sched_setaffinity(daemon_pid, before)
+
+
+def pinned_apart(daemon_pid: int) -> contextlib.AbstractContextManager[None]:
+    """Daemon on one CPU, this client on another, for the duration.
+
+    On a VM the scheduler sometimes runs client and daemon on one CPU (a round trip then costs
+    the sum of their CPU time) and sometimes on two (plus a cross-CPU wakeup each way: about
+    47 µs against 30 here), and it changes its mind when connections come and go.  Latency
+    comparisons within one daemon (the own-ratio targets) would otherwise measure that choice;
+    two CPUs is the dom0 case (toolstack and daemon on different vCPUs).  No-op on one CPU.
+    """
+    return _pinned(daemon_pid, apart=True)
+
+
+def pinned_together(daemon_pid: int) -> contextlib.AbstractContextManager[None]:
+    """Daemon and this client on one CPU, for the duration (see :func:`pinned_apart`)."""
+    return _pinned(daemon_pid, apart=False)
 
 
 def w_idle(d: Daemon, size: Size, rnd: int) -> Metrics:

@@ -240,7 +240,7 @@ def write_in_place(conn: Connection, msg: Message) -> bytes | None:
         return None
     parent_key, parent_rec = up
     new_perms, _size = _check_creation(conn, None, [path], value, store.record_perms(parent_rec))
-    store.create(path, value, new_perms, parent_key, parent_rec)
+    store.create(path, value, new_perms, parent_key)
     core.fire_created(path, new_perms)
     return OK
 

@@ -135,27 +135,15 @@ class Store:
 
     def get(self, path: str) -> Node | None:
         """Current committed node."""
-        v = self._versions.get(_key(path))
-        if v is None:
-            return None
-        if type(v) is not bytes:
-            v = v[-1][1]  # type: ignore[index]
-            if v is None:
-                return None
-        return self._unpack(v)  # type: ignore[arg-type]
+        rec = self._latest(_key(path))
+        return None if rec is None else self._unpack(rec)
 
     def lookup(self, path: str) -> tuple[str, Record] | None:
         """The key and current record of a live node, unpacked no further: the write fast path
         needs only its permissions and value length."""
         key = _key(path)
-        v = self._versions.get(key)
-        if v is None:
-            return None
-        if type(v) is not bytes:
-            v = v[-1][1]  # type: ignore[index]
-            if v is None:
-                return None
-        return key, v  # type: ignore[return-value]
+        rec = self._latest(key)
+        return None if rec is None else (key, rec)
 
     def record_perms(self, rec: Record) -> Perms:
         return self._perm_lists[_REC.unpack_from(rec)[2]]
@@ -358,7 +346,7 @@ class Store:
             if cur is not None and new is not None:
                 # An overwrite: commonly the same permission list, so the owner keeps its count
                 # and only the value's size changes.
-                vgen, cgen, pid = _REC.unpack_from(cur)
+                _vgen, cgen, pid = _REC.unpack_from(cur)
                 if self._perm_lists[pid] is new.perms:
                     rec = _REC.pack(gen, cgen, pid) + new.value
                     o = new.perms[0].domid
@@ -388,14 +376,18 @@ class Store:
             owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
             self._put_record(key, rec, gen)
         for p in touched_parents:
-            key = _key(p)
-            cur = self._latest(key)
-            if cur is not None:
-                vgen, _cgen, pid = _REC.unpack_from(cur)
-                self._put_record(key, _REC.pack(vgen, gen, pid) + cur[_REC_SIZE:], gen)
+            self._child_list_changed(_key(p), gen)
         self.gen = gen
         self._collect()
         return gen
+
+    def _child_list_changed(self, key: str, gen: int) -> None:
+        """The node under ``key`` gained or lost a child in commit ``gen``: a new version with
+        the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone)."""
+        cur = self._latest(key)
+        if cur is not None:
+            vgen, _cgen, pid = _REC.unpack_from(cur)
+            self._put_record(key, _REC.pack(vgen, gen, pid) + cur[_REC_SIZE:], gen)
 
     def overwrite(self, key: str, cur: Record, value: bytes) -> int:
         """Replace the value of a live node as a commit of its own, keeping its permissions and
@@ -411,16 +403,15 @@ class Store:
             self._collect()
         return gen
 
-    def create(self, path: str, value: bytes, perms: Perms, parent_key: str, parent_rec: Record) -> int:
-        """Add a node under an existing parent as a commit of its own (a WRITE outside a
-        transaction creating one node).  ``parent_key, parent_rec`` come from :meth:`lookup` in
-        the same request.  Returns the new generation."""
+    def create(self, path: str, value: bytes, perms: Perms, parent_key: str) -> int:
+        """Add a node under an existing parent (``parent_key`` from :meth:`lookup` in the same
+        request) as a commit of its own: a WRITE outside a transaction creating one node.
+        Returns the new generation."""
         gen = self.gen + 1
         rec = self._pack(Node(value, perms, gen, gen))
         self._charge(path, rec, +1)
         self._put_record(_key(path), rec, gen)
-        vgen, _cgen, pid = _REC.unpack_from(parent_rec)
-        self._put_record(parent_key, _REC.pack(vgen, gen, pid) + parent_rec[_REC_SIZE:], gen)
+        self._child_list_changed(parent_key, gen)
         self.gen = gen
         if self._garbage:
             self._collect()
@@ -444,11 +435,7 @@ class Store:
             stack.extend(join(p, n) for n in reversed(self.child_names(p)))
             self._charge(p, rec, -1)
             self._put_record(key, None, gen)
-        parent_key = _key(parent(path))
-        cur = self._latest(parent_key)
-        if cur is not None:
-            vgen, _cgen, pid = _REC.unpack_from(cur)
-            self._put_record(parent_key, _REC.pack(vgen, gen, pid) + cur[_REC_SIZE:], gen)
+        self._child_list_changed(_key(parent(path)), gen)
         self.gen = gen
         self._collect()
         return removed
