@@ -147,8 +147,6 @@ async def run_socket_connection(conn: Connection, sock: pysocket.socket) -> None
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
                 continue
-            # ...unless a message is incomplete: libxenstore writes header and payload apart.
-            drained_socket = len(data) < RECV_SIZE and not conn.parser.pending
             if not data:
                 raise _Done()
             inline = True
@@ -159,6 +157,9 @@ async def run_socket_connection(conn: Connection, sock: pysocket.socket) -> None
                 raise _Done() from None
             finally:
                 inline = False
+            # A short read emptied the socket, unless a message is still incomplete
+            # (libxenstore writes header and payload apart: the rest is on its way).
+            drained_socket = len(data) < RECV_SIZE and not conn.parser.pending
             if not send_now() or conn.doomed:
                 output.set()
             batches += 1
