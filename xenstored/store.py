@@ -367,10 +367,7 @@ class Store:
                 cgen = gen
             else:
                 cgen = _REC.unpack_from(cur)[1]
-            pid = self._perm_ids.get(node_perms)
-            if pid is None:
-                pid = self._perm_id(node_perms)
-            rec = _REC.pack(gen, cgen, pid) + new.value
+            rec = _REC.pack(gen, cgen, self._perm_id(node_perms)) + new.value
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
             owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
