@@ -146,15 +146,11 @@ class Core:
                 epath = paths.relative_to(change.path, conn.home) if w.relative else change.path
                 conn.event(epath, w.token)
 
-    def fire_value_change(self, path: str, node_perms: Perms) -> None:
-        """Watch events for one node whose value a write replaced (the in-place write path):
-        nothing is built while no watch is set at all."""
+    def fire_node_change(self, path: str, old: Perms | None, new: Perms) -> None:
+        """Watch events for one node a write replaced or created (the in-place write path):
+        nothing is built while no watch covers the path."""
         if self.watches.may_fire(path):
-            self.fire([Change(path, False, node_perms, node_perms)])
-
-    def fire_created(self, path: str, node_perms: Perms) -> None:
-        if self.watches.may_fire(path):
-            self.fire([Change(path, False, None, node_perms)])
+            self.fire([Change(path, False, old, new)])
 
     def fire_removed(self, removed: list[tuple[str, Perms]]) -> None:
         """Events for a subtree the store removed, top first: the top fires watches on it and

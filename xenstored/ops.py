@@ -188,18 +188,25 @@ def _check_overwrite(conn: Connection, path: str, value: bytes, node_perms: Perm
     return grow
 
 
-def read_live(conn: Connection, msg: Message) -> bytes | None:
-    """READ outside a transaction of a node that exists, straight from the committed record;
-    None leaves a missing node (and its disclosure rule) to the general path."""
+def _live_record(conn: Connection, msg: Message, want: int) -> tuple[str, bytes] | None:
+    """The path named by a one-argument request outside a transaction and its committed
+    record, once the caller may ``want`` it; None when the node does not exist, which leaves
+    the error (and its disclosure rule) to the general path."""
     path = node_path(conn, single_arg(msg.payload))
     store = conn.core.store
     found = store.lookup(path)
     if found is None:
         return None
     rec = found[1]
-    if not can(conn, store.record_perms(rec), READ):
+    if not can(conn, store.record_perms(rec), want):
         raise XsError("EACCES")
-    return store.record_value(rec)
+    return path, rec
+
+
+def read_live(conn: Connection, msg: Message) -> bytes | None:
+    """READ outside a transaction of a node that exists, straight from the committed record."""
+    found = _live_record(conn, msg, READ)
+    return None if found is None else conn.core.store.record_value(found[1])
 
 
 def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
@@ -231,7 +238,7 @@ def write_in_place(conn: Connection, msg: Message) -> bytes | None:
         node_perms = store.record_perms(cur)
         _check_overwrite(conn, path, value, node_perms, store.record_value_len(cur))
         store.overwrite(key, cur, value)
-        core.fire_value_change(path, node_perms)
+        core.fire_node_change(path, node_perms, node_perms)
         return OK
     if path == paths.ROOT:
         return None
@@ -241,7 +248,7 @@ def write_in_place(conn: Connection, msg: Message) -> bytes | None:
     parent_key, parent_rec = up
     new_perms, _size = _check_creation(conn, None, [path], value, store.record_perms(parent_rec))
     store.create(path, value, new_perms, parent_key)
-    core.fire_created(path, new_perms)
+    core.fire_node_change(path, None, new_perms)
     return OK
 
 
@@ -281,15 +288,11 @@ def rm_in_place(conn: Connection, msg: Message) -> bytes | None:
     """RM outside a transaction of a node that exists: the store removes the subtree as one
     generation, without a write set.  Returns None for what the general path decides (a missing
     node, the root)."""
-    path = node_path(conn, single_arg(msg.payload))
-    core = conn.core
-    store = core.store
-    found = store.lookup(path)
-    if found is None or path == paths.ROOT:
+    found = _live_record(conn, msg, WRITE)
+    if found is None or found[0] == paths.ROOT:
         return None
-    if not can(conn, store.record_perms(found[1]), WRITE):
-        raise XsError("EACCES")
-    core.fire_removed(store.remove(path))
+    core = conn.core
+    core.fire_removed(core.store.remove(found[0]))
     return OK
 
 
@@ -305,14 +308,10 @@ def op_directory(conn: Connection, msg: Message, txn: Transaction) -> bytes:
 def directory_live(conn: Connection, msg: Message) -> bytes | None:
     """DIRECTORY outside a transaction of a node that exists (a tree walk is 10^5 of these):
     one lookup and one index range scan."""
-    path = node_path(conn, single_arg(msg.payload))
-    store = conn.core.store
-    found = store.lookup(path)
+    found = _live_record(conn, msg, READ)
     if found is None:
         return None
-    if not can(conn, store.record_perms(found[1]), READ):
-        raise XsError("EACCES")
-    names = store.child_names(path)
+    names = conn.core.store.child_names(found[0])
     if not names:
         return b""
     return ("\0".join(names) + "\0").encode("ascii")
