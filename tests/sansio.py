@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from xenstored.config import Config
 from xenstored.core import Core
+from xenstored.ops import handle
 from xenstored.wire import Message, Op, Parser, encode
 
 
@@ -22,7 +23,7 @@ class Peer:
     def send(self, op: int, payload: bytes, tx_id: int = 0) -> list[Message]:
         """Send one request; return every message it produced (events and the reply)."""
         self.req_id += 1
-        self.conn.feed(encode(op, self.req_id, tx_id, payload))
+        handle(self.core, self.conn, encode(op, self.req_id, tx_id, payload))
         return self.drain()
 
     def drain(self) -> list[Message]:

@@ -19,9 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sansio import Peer, make_core
 
-from xenstored.domains import PROMPT_HIT, PROMPT_MAX, PUMP_ROUNDS, DomainManager
+from xenstored.domains import DomainManager
 from xenstored.hypervisor.base import DomainInfo, Hypervisor
+from xenstored.ops import handle
 from xenstored.ring import GuestRing, RingError
+from xenstored.ringpump import PROMPT_HIT, PROMPT_MAX, PUMP_ROUNDS, RingPump
 from xenstored.wire import ERRORS, HEADER, PAYLOAD_MAX, Op, Parser, ProtocolError, encode
 
 SCALE = 20 if os.environ.get("XS_FUZZ_LONG") else 1
@@ -90,7 +92,7 @@ def test_dispatcher_answers_every_request_once(msgs, guest, caplog):
     for i, (op, _rid, tx, payload) in enumerate(msgs):
         if op in (Op.WATCH_EVENT, Op.ERROR):
             continue
-        peer.conn.feed(encode(op, 1000 + i, tx, payload))
+        handle(core, peer.conn, encode(op, 1000 + i, tx, payload))
         replies = [m for m in peer.drain() if m.type != Op.WATCH_EVENT]
         assert len(replies) == 1, (op, payload, replies)
         r = replies[0]
@@ -148,7 +150,7 @@ class FakeHypervisor(Hypervisor):
 def ring_world():
     core = make_core()
     hv = FakeHypervisor()
-    mgr = DomainManager(core, hv)
+    mgr = RingPump(DomainManager(core, hv))
     d0 = Peer(core)
     for domid in (5, 6):
         hv.alive.add(domid)

@@ -1,8 +1,11 @@
-"""One client connection, socket or ring, without any I/O.
+"""One client connection, socket or ring: a sans-I/O protocol object, as h11's Connection.
 
-The transport edge (server.py for sockets, the ring pump for domains) feeds received bytes to
-:meth:`Connection.feed` and drains :meth:`peek_output`/:meth:`consume_output`; everything in
-between (framing, dispatch, replies, watch events) happens here and in ops.py, synchronously.
+Bytes in, messages out; replies and events in, bytes out.  The transport edge (server.py for
+sockets, ringpump.py for domains) hands received bytes to :meth:`Connection.feed`, which returns
+the complete requests; the edge passes each one to the dispatcher (ops.dispatch), which writes
+the reply back with :meth:`reply` or :meth:`error`; the edge then drains
+:meth:`peek_output`/:meth:`consume_output`.  The connection never calls up: it does not know the
+dispatcher, the daemon state or the transport.
 
 Output is a queue of whole messages so that the edge can write any amount (a ring may take a
 few bytes at a time) and the queue can be bounded by message count and bytes.
@@ -15,15 +18,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import paths
+from .quota import Quotas
+from .store import Store
 from .transactions import Transaction
 from .wire import HEADER, PAYLOAD_MAX, Message, Op, Parser
-
-if TYPE_CHECKING:
-    from .core import Core
-    from .domains import Domain
 
 log = logging.getLogger("xenstored.connection")
 
@@ -34,10 +35,33 @@ def _nothing() -> None:
     pass
 
 
+class DomainView(Protocol):
+    """What a connection needs of the domain it speaks for (core.Domain is the real record: it
+    lives above this module, so the connection names only these attributes)."""
+
+    domid: int
+    target: int | None
+    features: int
+    quotas: Quotas
+
+
+class Tracer(Protocol):
+    """Where replies and events are traced (logs.Tracer, installed by the daemon state)."""
+
+    def reply(self, conn: Connection, type_: int, tx_id: int, payload: bytes) -> None: ...
+
+
 class Connection:
-    def __init__(self, core: Core, domain: Domain, *, socket: bool, privileged: bool) -> None:
+    def __init__(
+        self,
+        domain: DomainView,
+        *,
+        socket: bool,
+        privileged: bool,
+        pause_bytes: int,
+        limit_bytes: int,
+    ) -> None:
         self.id = next(_ids)
-        self.core = core
         self.domain = domain
         self.domid = domain.domid
         self.is_socket = socket
@@ -58,6 +82,11 @@ class Connection:
         self.doomed: str | None = None
         self.closed = False
         self.requests = 0
+        # Back-pressure: stop reading above pause_bytes of queued output; a client whose watch
+        # events pile up past limit_bytes is disconnected.
+        self.pause_bytes = pause_bytes
+        self.limit_bytes = limit_bytes
+        self.tracer: Tracer | None = None
 
     def __repr__(self) -> str:
         kind = "socket" if self.is_socket else "ring"
@@ -73,17 +102,12 @@ class Connection:
         return f"socket{self.id}" if self.is_socket else f"dom{self.domid}"
 
     # ------------------------------------------------------------------------- input
-    def feed(self, data: bytes) -> None:
-        """Frame and process everything complete in ``data``.  Raises ProtocolError."""
-        dispatch = _ops.dispatch
-        for msg in self.parser.feed(data):
-            if self.closed:
-                return
-            self.requests += 1
-            dispatch(self, msg)
-
-    def process(self, msg: Message) -> None:
-        _ops.dispatch(self, msg)
+    def feed(self, data: bytes) -> list[Message]:
+        """Frame ``data``: the requests it completes, in order, for the edge to dispatch.
+        Raises ProtocolError (the edge disconnects or ignores the client)."""
+        msgs = self.parser.feed(data)
+        self.requests += len(msgs)
+        return msgs
 
     @property
     def outstanding(self) -> int:
@@ -93,7 +117,7 @@ class Connection:
     @property
     def wants_input(self) -> bool:
         """Back-pressure: read more only while replies are being taken away."""
-        return self.out_bytes < self.core.config.output_pause_bytes and not self.doomed
+        return self.out_bytes < self.pause_bytes and not self.doomed
 
     # ------------------------------------------------------------------------- output
     def _queue(self, data: bytes) -> None:
@@ -108,41 +132,33 @@ class Connection:
             self.error(msg, "E2BIG")
             return
         t = msg.type if type_ is None else type_
-        tracer = self.core.tracer
+        tracer = self.tracer
         if tracer is not None:
             tracer.reply(self, t, msg.tx_id, payload)
         self._queue(HEADER.pack(t, msg.req_id, msg.tx_id, len(payload)) + payload)
 
     def error(self, msg: Message, name: str) -> None:
         payload = name.encode() + b"\0"
-        tracer = self.core.tracer
+        tracer = self.tracer
         if tracer is not None:
             tracer.reply(self, Op.ERROR, msg.tx_id, payload)
         self._queue(HEADER.pack(Op.ERROR, msg.req_id, msg.tx_id, len(payload)) + payload)
 
     def event(self, path: str, token: str) -> None:
-        """Queue a WATCH_EVENT.  Oversized events are dropped (XSA-324)."""
+        """Queue a WATCH_EVENT.  Oversized events are dropped (XSA-324); the memory quota of an
+        unprivileged watcher is the daemon state's to check (core.Core.send_event)."""
         payload = path.encode("ascii") + b"\0" + token.encode("latin-1") + b"\0"
         if len(payload) > PAYLOAD_MAX:
             return
-        if not self.privileged:
-            # An unprivileged watcher that does not read its events loses them rather than
-            # growing the daemon past its memory quota (as C drops them).
-            limit = self.domain.quotas["memory"]
-            if limit:
-                usage = self.core.memory_usage(self) + len(payload) + HEADER.size
-                if usage > limit:
-                    self.core.refusals.refuse(self.domid, "memory", limit, usage, "event")
-                    return
-        if self.out_bytes + len(payload) > self.core.config.output_limit_bytes and not self.doomed:
+        if self.out_bytes + len(payload) > self.limit_bytes and not self.doomed:
             # A client that lets events pile up without reading would grow us without bound.
-            self.doomed = f"output queue over {self.core.config.output_limit_bytes} bytes"
+            self.doomed = f"output queue over {self.limit_bytes} bytes"
             log.warning("%s: not reading its watch events; disconnecting", self.label)
             self.wakeup()
             return
         if self.doomed:
             return
-        tracer = self.core.tracer
+        tracer = self.tracer
         if tracer is not None:
             tracer.reply(self, Op.WATCH_EVENT, 0, payload)
         data = HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
@@ -232,12 +248,12 @@ class Connection:
         self.out_bytes = 0
 
     # ------------------------------------------------------------------------- transactions
-    def new_transaction(self) -> Transaction:
+    def new_transaction(self, store: Store) -> Transaction:
         tx_id = self._next_tx
         while tx_id == 0 or tx_id in self.transactions:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         self._next_tx = (tx_id + 1) & 0xFFFFFFFF
-        txn = Transaction(self.core.store, tx_id)
+        txn = Transaction(store, tx_id)
         txn.started = time.monotonic()
         self.transactions[tx_id] = txn
         return txn
@@ -249,21 +265,15 @@ class Connection:
 
     # ------------------------------------------------------------------------- teardown
     def reset(self) -> None:
-        """Forget all per-connection state (ring reconnection, re-INTRODUCE)."""
+        """Forget the per-connection state this object holds (ring reconnection, re-INTRODUCE);
+        its watches are the daemon state's (core.Core.reset_connection drops both)."""
         self.drop_transactions()
-        self.core.watches.remove_all(self)
         self.parser.reset()
         self.discard_output()
 
     def close(self) -> None:
+        """Mark closed and forget everything; core.Core.close_connection also forgets it."""
         if self.closed:
             return
         self.closed = True
         self.reset()
-        self.core.forget_connection(self)
-
-
-# ops.py needs Connection and Connection needs the dispatcher: importing the module here (not a
-# name from it) works whichever of the two is imported first, and costs nothing per request,
-# unlike an import statement inside feed().
-from . import ops as _ops

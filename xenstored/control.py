@@ -9,19 +9,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from . import quota
+from .connection import Connection
+from .core import Core
 from .wire import XsError
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger("xenstored.control")
 
 OK = b"OK\0"
 
-Command = Callable[["Connection", list[str]], bytes]
+Command = Callable[[Core, Connection, list[str]], bytes]
 COMMANDS: dict[str, tuple[Command, str]] = {}
 
 
@@ -33,7 +31,7 @@ def command(name: str, synopsis: str) -> Callable[[Command], Command]:
     return register
 
 
-def control(conn: Connection, args: list[bytes]) -> bytes:
+def control(core: Core, conn: Connection, args: list[bytes]) -> bytes:
     if not args:
         raise XsError("EINVAL", "no control command")
     try:
@@ -43,7 +41,7 @@ def control(conn: Connection, args: list[bytes]) -> bytes:
     entry = COMMANDS.get(words[0])
     if entry is None:
         raise XsError("EINVAL", f"unknown control command {words[0]!r}")
-    return entry[0](conn, words[1:])
+    return entry[0](core, conn, words[1:])
 
 
 def text(s: str) -> bytes:
@@ -51,14 +49,14 @@ def text(s: str) -> bytes:
 
 
 @command("help", "")
-def _help(conn: Connection, args: list[str]) -> bytes:
+def _help(core: Core, conn: Connection, args: list[str]) -> bytes:
     if args:
         raise XsError("EINVAL")
     return text("".join(f"{name:<15} {syn}\n" for name, (_, syn) in COMMANDS.items()))
 
 
 @command("print", "<string>")
-def _print(conn: Connection, args: list[str]) -> bytes:
+def _print(core: Core, conn: Connection, args: list[str]) -> bytes:
     if len(args) != 1:
         raise XsError("EINVAL")
     log.warning("control: %s", args[0])
@@ -66,12 +64,12 @@ def _print(conn: Connection, args: list[str]) -> bytes:
 
 
 @command("check", "")
-def _check(conn: Connection, args: list[str]) -> bytes:
+def _check(core: Core, conn: Connection, args: list[str]) -> bytes:
     """Verify the store's internal consistency (every node's parent exists and the child index
     lists it) and the per-owner node counts, repairing counts."""
     if args:
         raise XsError("EINVAL")
-    store = conn.core.store
+    store = core.store
     counts, sizes, broken = store.audit()
     for path in broken[:20]:
         log.error("check: %s has no parent or is missing from the child index", path)
@@ -89,8 +87,7 @@ def _quota_table(values: dict[str, int], names: tuple[str, ...]) -> str:
 
 
 @command("quota", "[set <name> <val>|<domid>|max [-r]]")
-def _quota(conn: Connection, args: list[str]) -> bytes:
-    core = conn.core
+def _quota(core: Core, conn: Connection, args: list[str]) -> bytes:
     hard = tuple(n for n in quota.NAMES if n != "soft-memory")
     if not args:
         return text("Quota settings:\n" + _quota_table(core.config.quotas.values, hard))
@@ -126,9 +123,9 @@ def _quota(conn: Connection, args: list[str]) -> bytes:
 
 
 @command("log", "[on|off|+<switch>|-<switch>]")
-def _log(conn: Connection, args: list[str]) -> bytes:
+def _log(core: Core, conn: Connection, args: list[str]) -> bytes:
     """Switch the trace file on or off (C's io switch; the others have no equivalent here)."""
-    tracer = conn.core.tracer
+    tracer = core.tracer
     if not args:
         on = bool(tracer is not None and tracer.trace_on and tracer.trace is not None)
         return text(f"Log switch settings:\n{'io':<8}: {'on' if on else 'off'}\n")
@@ -141,26 +138,25 @@ def _log(conn: Connection, args: list[str]) -> bytes:
 
 
 @command("logfile", "<file>")
-def _logfile(conn: Connection, args: list[str]) -> bytes:
+def _logfile(core: Core, conn: Connection, args: list[str]) -> bytes:
     if len(args) != 1 or not args[0]:
         raise XsError("EINVAL")
-    core = conn.core
-    if core.tracer is None:
-        from .logs import Tracer
-
-        core.tracer = Tracer(core.config)
+    tracer = core.tracer
+    if tracer is None:
+        if core.open_tracer is None:
+            raise XsError("EINVAL", "no tracing in this process")
+        tracer = core.tracer = core.open_tracer()
     try:
-        core.tracer.reopen(args[0])
+        tracer.reopen(args[0])
     except OSError as e:
         raise XsError("EINVAL", str(e)) from None
-    core.tracer.trace_on = True
+    tracer.trace_on = True
     return OK
 
 
 @command("memreport", "[<file>]")
-def _memreport(conn: Connection, args: list[str]) -> bytes:
+def _memreport(core: Core, conn: Connection, args: list[str]) -> bytes:
     """What the daemon holds, per structure and per domain, to the given file or the trace."""
-    core = conn.core
     store = core.store
     lines = [
         f"memreport {time.strftime('%Y-%m-%d %H:%M:%S')}",
@@ -208,8 +204,7 @@ COMMANDS["live-update"] = (lambda conn, args: b"OK\0", "[-c <cmdline>] [-F] [-t 
 
 
 @command("quota-soft", "[set <name> <val>]")
-def _quota_soft(conn: Connection, args: list[str]) -> bytes:
-    core = conn.core
+def _quota_soft(core: Core, conn: Connection, args: list[str]) -> bytes:
     if not args:
         v = core.config.quotas.values["soft-memory"]
         return text(f"Soft quota settings:\n{'memory':<17}: {v:8d} {quota.DESCRIPTIONS['soft-memory']}\n")

@@ -1,26 +1,91 @@
 """The daemon's state: store, watches, domains, connections, quotas; and watch-event dispatch.
 
 Plain Python: ops.py mutates it on behalf of one request at a time, the trio edges only move
-bytes in and out of connections.
+bytes in and out of connections.  What lives above (the domain manager, the hypervisor, the
+tracer, live update) is reached through the small protocols declared here and installed by the
+layers that own them, so this module imports nothing above itself.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Protocol, TextIO
 
 from . import paths, perms
 from .config import Config
 from .connection import Connection
-from .domains import Domain
 from .paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
 from .perms import Perm, Perms
-from .quota import RefusalLog
+from .quota import Quotas, RefusalLog
+from .ring import Ring
 from .store import Store
 from .transactions import Change, LiveView, Transaction
 from .watches import WatchRegistry
-from .wire import DOMID_ANY
+from .wire import DOMID_ANY, FEATURES_ALL, HEADER, Message
 
 log = logging.getLogger("xenstored")
+
+
+class Domain:
+    """What the daemon knows of one domain: quotas, features, target, and once it is introduced
+    its ring connection and event channel."""
+
+    def __init__(self, domid: int, quotas: Quotas) -> None:
+        self.domid = domid
+        self.quotas = quotas
+        self.features = FEATURES_ALL
+        self.target: int | None = None
+        self.conn: Connection | None = None  # ring connection once introduced
+        self.ring: Ring | None = None
+        self.introduced = False
+        self.shutdown_reported = False
+        self.port: int | None = None  # remote event channel port given at INTRODUCE
+        self.local_port: int | None = None
+        self.gfn = 0
+        # Misbehaved (bad ring index, oversized request): the error field is set and nothing is
+        # read or written until the domain dies or the toolstack re-introduces it.
+        self.ignored = False
+        self.prompt = 0  # see ringpump.PROMPT_HIT: high while the guest answers notifications at once
+
+    def __repr__(self) -> str:
+        return f"<Domain {self.domid}{' introduced' if self.introduced else ''}>"
+
+
+class DomainDirectory(Protocol):
+    """The one hypervisor question the daemon state asks: does this domain exist?"""
+
+    def domain_info(self, domid: int) -> object | None: ...
+
+
+class DomainOps(Protocol):
+    """The domain operations (domains.DomainManager), each ``(conn, msg) -> reply payload``."""
+
+    def introduce(self, conn: Connection, msg: Message) -> bytes: ...
+    def release(self, conn: Connection, msg: Message) -> bytes: ...
+    def resume(self, conn: Connection, msg: Message) -> bytes: ...
+    def is_domain_introduced(self, conn: Connection, msg: Message) -> bytes: ...
+    def set_target(self, conn: Connection, msg: Message) -> bytes: ...
+    def get_feature(self, conn: Connection, msg: Message) -> bytes: ...
+    def set_feature(self, conn: Connection, msg: Message) -> bytes: ...
+    def get_quota(self, conn: Connection, msg: Message) -> bytes: ...
+    def set_quota(self, conn: Connection, msg: Message) -> bytes: ...
+
+
+class Tracer(Protocol):
+    """C's trace file and O's access log (logs.Tracer)."""
+
+    trace_on: bool
+    trace: TextIO | None
+
+    def request(self, conn: Connection, type_: int, tx_id: int, payload: bytes) -> None: ...
+    def reply(self, conn: Connection, type_: int, tx_id: int, payload: bytes) -> None: ...
+    def connection(self, conn: Connection, opened: bool) -> None: ...
+    def reopen(self, trace_path: str | None = None) -> None: ...
+
+
+# XS_CONTROL live-update: (requester, request, words) -> reply, or None when it is withheld.
+LiveUpdateHandler = Callable[[Connection, Message, list[str]], "bytes | None"]
 
 
 class Core:
@@ -40,14 +105,26 @@ class Core:
             RELEASE_DOMAIN: owner + (Perm(DOMID_ANY, perms.READ),),
         }
         # Hooks the domain layer installs (hypervisor access); None when only sockets are served.
-        self.hypervisor = None
-        self.domain_ops = None
+        self.hypervisor: DomainDirectory | None = None
+        self.domain_ops: DomainOps | None = None
         # Set by the service (process-level features the sans-I/O core cannot do itself).
         self.socket_fds: dict[int, int] = {}
-        self.live_update = None
-        self.reopen_logs = None
-        self.tracer = None  # logs.Tracer when a trace file or access log is configured
+        self.live_update: LiveUpdateHandler | None = None
+        self.reopen_logs: Callable[[], None] | None = None
+        self.open_tracer: Callable[[], Tracer] | None = None  # CONTROL logfile without -T
+        self._tracer: Tracer | None = None  # when a trace file or access log is configured
         self._initial_tree(owner)
+
+    @property
+    def tracer(self) -> Tracer | None:
+        return self._tracer
+
+    @tracer.setter
+    def tracer(self, tracer: Tracer | None) -> None:
+        """Every connection traces its own replies: tell each of them (an admin action)."""
+        self._tracer = tracer
+        for conn in self.connections.values():
+            conn.tracer = tracer
 
     def _initial_tree(self, owner: Perms) -> None:
         txn = Transaction(self.store, implicit=True)
@@ -110,16 +187,48 @@ class Core:
         """A socket client acts for the privileged domain; a ring client for its own domain."""
         if domid is None:
             domid = self.priv_domid
-        conn = Connection(self, self.domain(domid), socket=socket, privileged=self.is_privileged(domid))
+        cfg = self.config
+        conn = Connection(
+            self.domain(domid),
+            socket=socket,
+            privileged=self.is_privileged(domid),
+            pause_bytes=cfg.output_pause_bytes,
+            limit_bytes=cfg.output_limit_bytes,
+        )
         self.connections[conn.id] = conn
-        if self.tracer is not None:
-            self.tracer.connection(conn, True)
+        tracer = self._tracer
+        if tracer is not None:
+            conn.tracer = tracer
+            tracer.connection(conn, True)
         return conn
 
-    def forget_connection(self, conn: Connection) -> None:
+    def reset_connection(self, conn: Connection) -> None:
+        """Forget a connection's watches, transactions, partial input and queued output (ring
+        reconnection, re-INTRODUCE, an ignored domain)."""
+        self.watches.remove_all(conn)
+        conn.reset()
+
+    def close_connection(self, conn: Connection) -> None:
+        """The connection is gone for good (socket closed, domain destroyed)."""
+        if conn.closed:
+            return
+        self.watches.remove_all(conn)
+        conn.close()
         self.connections.pop(conn.id, None)
-        if self.tracer is not None:
-            self.tracer.connection(conn, False)
+        if self._tracer is not None:
+            self._tracer.connection(conn, False)
+
+    def send_event(self, conn: Connection, path: str, token: str) -> None:
+        """Queue one watch event, unless an unprivileged watcher that does not read its events
+        would grow the daemon past its memory quota: it loses the event (as C drops them)."""
+        if not conn.privileged:
+            limit = conn.domain.quotas["memory"]
+            if limit:
+                usage = self.memory_usage(conn) + len(path) + len(token) + 2 + HEADER.size
+                if usage > limit:
+                    self.refusals.refuse(conn.domid, "memory", limit, usage, "event")
+                    return
+        conn.event(path, token)
 
     # ------------------------------------------------------------------------- watch events
     def can_see(self, conn: Connection, change: Change) -> bool:
@@ -144,7 +253,7 @@ class Core:
                 if not conn.privileged and not self.can_see(conn, change) and self.config.perms_watch_activate:
                     continue
                 epath = paths.relative_to(change.path, conn.home) if w.relative else change.path
-                conn.event(epath, w.token)
+                self.send_event(conn, epath, w.token)
 
     def fire_node_change(self, path: str, old: Perms | None, new: Perms) -> None:
         """Watch events for one node a write replaced or created (the in-place write path):
@@ -167,7 +276,7 @@ class Core:
             conn: Connection = w.owner  # type: ignore[assignment]
             if not conn.privileged and not perms.allows(sp, conn.domid, conn.target, perms.READ):
                 continue
-            conn.event(epath, w.token)
+            self.send_event(conn, epath, w.token)
 
     def commit(self, txn: Transaction) -> None:
         """Commit (raises Conflict) and fire the resulting watch events."""

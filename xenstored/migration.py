@@ -16,16 +16,16 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from . import paths, quota
+from .core import Core
+from .domains import DomainManager
+from .ops import handle
 from .perms import Perm, Perms
 from .store import Node
 from .transactions import Transaction
+from .watches import Watch
 from .wire import DOMID_INVALID
-
-if TYPE_CHECKING:
-    from .core import Core
 
 MAGIC = b"xenstore"
 VERSION = 2
@@ -343,12 +343,13 @@ def dump_core(core: Core, sockets: dict[int, int] | None = None, *, listen_fd: i
         if conn.is_socket and conn.id not in sockets:
             continue
         out = conn.peek_output()
+        dom = core.domains.get(conn.domid)
         c = ConnectionData(
             conn.id,
             conn.is_socket,
             domid=conn.domid,
             target=conn.domain.target,
-            evtchn=conn.domain.local_port or 0,
+            evtchn=(dom.local_port or 0) if dom is not None else 0,
             socket_fd=sockets.get(conn.id, -1),
             in_data=conn.parser.pending_bytes(),
             out_data=out,
@@ -357,8 +358,7 @@ def dump_core(core: Core, sockets: dict[int, int] | None = None, *, listen_fd: i
         state.connections.append(c)
         for w in core.watches.owned_by(conn):
             state.watches.append(WatchData(conn.id, w.path, w.token, w.depth))
-        dom = conn.domain
-        if not conn.is_socket and dom.local_port is not None:
+        if not conn.is_socket and dom is not None and dom.local_port is not None:
             state.rings.append(
                 RingData(conn.id, dom.domid, dom.port or 0, dom.local_port, dom.gfn, dom.ignored, dom.shutdown_reported)
             )
@@ -405,12 +405,11 @@ def restore_tree(core: Core, state: State) -> None:
 
 
 
-def restore_connections(core: Core, state: State, *, rebind: bool) -> list[tuple[int, int]]:
+def restore_connections(
+    core: Core, manager: DomainManager | None, state: State, *, rebind: bool
+) -> list[tuple[int, int]]:
     """Recreate connections, their watches and pending I/O.  Returns (connection id, socket fd)
     pairs for the edge to serve; ring connections are re-attached through the domain manager."""
-    from .watches import Watch
-
-    manager = core.domain_ops
     rings = {r.conn_id: r for r in state.rings}
     by_old_id = {}
     sockets: list[tuple[int, int]] = []
@@ -424,7 +423,16 @@ def restore_connections(core: Core, state: State, *, rebind: bool) -> list[tuple
             r = rings.get(c.conn_id)
             if manager is None or r is None:
                 continue
-            conn = manager.restore_ring(r, target=c.target, rebind=rebind)
+            conn = manager.restore_ring(
+                r.domid,
+                r.gfn,
+                r.remote_port,
+                r.local_port,
+                ignored=r.ignored,
+                shutdown_reported=r.shutdown_reported,
+                target=c.target,
+                rebind=rebind,
+            )
             if conn is None:
                 continue
         by_old_id[c.conn_id] = (conn, c)
@@ -439,5 +447,5 @@ def restore_connections(core: Core, state: State, *, rebind: bool) -> list[tuple
     for conn, c in by_old_id.values():
         conn.queue_raw(c.out_data)
         if c.in_data:
-            conn.feed(c.in_data)
+            handle(core, conn, c.in_data)
     return sockets

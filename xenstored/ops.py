@@ -15,9 +15,11 @@ from collections.abc import Callable
 from . import paths, perms, quota
 from .connection import Connection
 from .control import control
+from .core import Core
 from .perms import READ, WRITE, Perms
 from .store import Node, node_size
 from .transactions import Conflict, Transaction
+from .watches import Watch
 from .wire import (
     DOMID_SELF,
     FEATURE_WATCHDEPTH,
@@ -35,7 +37,7 @@ log = logging.getLogger("xenstored.ops")
 
 OK = b"OK\0"
 
-Handler = Callable[[Connection, Message, Transaction], "bytes | None"]
+Handler = Callable[[Core, Connection, Message, Transaction], "bytes | None"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -56,30 +58,30 @@ def _check_path_max(conn: Connection, path: str) -> None:
         raise XsError("EINVAL", "path too long")
 
 
-def check_memory(conn: Connection, extra: int, what: str) -> None:
+def check_memory(core: Core, conn: Connection, extra: int, what: str) -> None:
     """Hard memory quota (refuse) and soft quota (warn) for an unprivileged domain growing by
     ``extra`` bytes."""
     if conn.privileged:
         return
     q = conn.domain.quotas
-    usage = conn.core.memory_usage(conn) + extra
+    usage = core.memory_usage(conn) + extra
     if quota.exceeds(q["memory"], usage):
-        raise _refuse(conn, "memory", q["memory"], usage, what)
+        raise _refuse(core, conn, "memory", q["memory"], usage, what)
     if quota.exceeds(q["soft-memory"], usage):
-        conn.core.refusals.warn_soft(conn.domid, q["soft-memory"], usage)
+        core.refusals.warn_soft(conn.domid, q["soft-memory"], usage)
 
 
-def _refuse(conn: Connection, name: str, limit: int, value: int, what: str = "") -> XsError:
-    conn.core.refusals.refuse(conn.domid, name, limit, value, what)
+def _refuse(core: Core, conn: Connection, name: str, limit: int, value: int, what: str = "") -> XsError:
+    core.refusals.refuse(conn.domid, name, limit, value, what)
     return XsError("ENOSPC", f"{name} quota")
 
 
 # ----------------------------------------------------------------------------- permissions
-def can(conn: Connection, node_perms: Perms, want: int) -> bool:
+def can(core: Core, conn: Connection, node_perms: Perms, want: int) -> bool:
     return (
         conn.privileged
         or perms.allows(node_perms, conn.domid, conn.target, want)
-        or not conn.core.config.perms_activate
+        or not core.config.perms_activate
     )
 
 
@@ -100,48 +102,48 @@ def _disclose(conn: Connection, txn: Transaction, path: str, name: str, want: in
     return XsError(name)
 
 
-def get_node(conn: Connection, txn: Transaction, path: str, want: int) -> Node:
+def get_node(core: Core, conn: Connection, txn: Transaction, path: str, want: int) -> Node:
     node = txn.get(path)
     if node is None:
         raise _disclose(conn, txn, path, "ENOENT", want)
-    if not can(conn, node.perms, want):
+    if not can(core, conn, node.perms, want):
         raise XsError("EACCES")
     return node
 
 
 # ----------------------------------------------------------------------------- node creation
-def _check_node_size(conn: Connection, value: bytes, node_perms: Perms) -> None:
+def _check_node_size(core: Core, conn: Connection, value: bytes, node_perms: Perms) -> None:
     if conn.privileged:
         return
     limit = conn.domain.quotas["node-size"]
     size = len(value) + 8 * len(node_perms)
     if quota.exceeds(limit, size):
-        raise _refuse(conn, "node-size", limit, size)
+        raise _refuse(core, conn, "node-size", limit, size)
 
 
 def _check_creation(
-    conn: Connection, txn: Transaction | None, missing: list[str], value: bytes, anc_perms: Perms
+    core: Core, conn: Connection, txn: Transaction | None, missing: list[str], value: bytes, anc_perms: Perms
 ) -> tuple[Perms, int]:
     """Permission and quota checks for creating ``missing`` (the node first, then its missing
     ancestors) below an existing ancestor: returns the new nodes' permissions and the bytes they
     cost their owner."""
-    if not can(conn, anc_perms, WRITE):
+    if not can(core, conn, anc_perms, WRITE):
         raise XsError("EACCES")
     if conn.privileged:
         return anc_perms, 0
     new_perms = perms.with_owner(anc_perms, conn.domid)
-    _check_node_size(conn, value, new_perms)
+    _check_node_size(core, conn, value, new_perms)
     path = missing[0]
     limit = conn.domain.quotas["nodes"]
-    count = conn.core.store.owned.get(conn.domid, 0) + len(missing) + (txn.owned_delta if txn else 0)
+    count = core.store.owned.get(conn.domid, 0) + len(missing) + (txn.owned_delta if txn else 0)
     if quota.exceeds(limit, count):
-        raise _refuse(conn, "nodes", limit, count, path)
+        raise _refuse(core, conn, "nodes", limit, count, path)
     size = sum(node_size(p, len(value) if p == path else 0, new_perms) for p in missing)
-    check_memory(conn, size, path)
+    check_memory(core, conn, size, path)
     return new_perms, size
 
 
-def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> None:
+def create_node(core: Core, conn: Connection, txn: Transaction, path: str, value: bytes) -> None:
     """Create ``path`` and any missing ancestors, inheriting the deepest existing ancestor's
     permissions; an unprivileged creator becomes the owner (C rule).  Only ``path`` fires."""
     missing = [path]
@@ -152,7 +154,7 @@ def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> 
         if anc is not None:
             break
         missing.append(p)
-    new_perms, size = _check_creation(conn, txn, missing, value, anc.perms)
+    new_perms, size = _check_creation(core, conn, txn, missing, value, anc.perms)
     if not conn.privileged:
         txn.owned_delta += len(missing)
         if not txn.implicit:
@@ -163,9 +165,9 @@ def create_node(conn: Connection, txn: Transaction, path: str, value: bytes) -> 
 
 
 # ----------------------------------------------------------------------------- node ops
-def op_read(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_read(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
-    return get_node(conn, txn, path, READ).value
+    return get_node(core, conn, txn, path, READ).value
 
 
 def _split_write(conn: Connection, payload: bytes) -> tuple[str, bytes]:
@@ -175,47 +177,47 @@ def _split_write(conn: Connection, payload: bytes) -> tuple[str, bytes]:
     return node_path(conn, payload[:idx]), payload[idx + 1 :]
 
 
-def _check_overwrite(conn: Connection, path: str, value: bytes, node_perms: Perms, old_len: int) -> int:
+def _check_overwrite(core: Core, conn: Connection, path: str, value: bytes, node_perms: Perms, old_len: int) -> int:
     """Permission and quota checks for replacing an existing node's value; returns the bytes it
     grows by (negative when it shrinks)."""
-    if not can(conn, node_perms, WRITE):
+    if not can(core, conn, node_perms, WRITE):
         raise XsError("EACCES")
     grow = len(value) - old_len
     if not conn.privileged:
-        _check_node_size(conn, value, node_perms)
+        _check_node_size(core, conn, value, node_perms)
         if grow > 0:
-            check_memory(conn, grow, path)
+            check_memory(core, conn, grow, path)
     return grow
 
 
-def _live_record(conn: Connection, msg: Message, want: int) -> tuple[str, bytes] | None:
+def _live_record(core: Core, conn: Connection, msg: Message, want: int) -> tuple[str, bytes] | None:
     """The path named by a one-argument request outside a transaction and its committed
     record, once the caller may ``want`` it; None when the node does not exist, which leaves
     the error (and its disclosure rule) to the general path."""
     path = node_path(conn, single_arg(msg.payload))
-    store = conn.core.store
+    store = core.store
     found = store.lookup(path)
     if found is None:
         return None
     rec = found[1]
-    if not can(conn, store.record_perms(rec), want):
+    if not can(core, conn, store.record_perms(rec), want):
         raise XsError("EACCES")
     return path, rec
 
 
-def read_live(conn: Connection, msg: Message) -> bytes | None:
+def read_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """READ outside a transaction of a node that exists, straight from the committed record."""
-    found = _live_record(conn, msg, READ)
-    return None if found is None else conn.core.store.record_value(found[1])
+    found = _live_record(core, conn, msg, READ)
+    return None if found is None else core.store.record_value(found[1])
 
 
-def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_write(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path, value = _split_write(conn, msg.payload)
     node = txn.get(path)
     if node is None:
-        create_node(conn, txn, path, value)
+        create_node(core, conn, txn, path, value)
         return OK
-    grow = _check_overwrite(conn, path, value, node.perms, len(node.value))
+    grow = _check_overwrite(core, conn, path, value, node.perms, len(node.value))
     if grow > 0 and not txn.implicit and not conn.privileged:
         txn.mem += grow
     txn.put(path, value, node.perms, existed=True)
@@ -223,20 +225,19 @@ def op_write(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     return OK
 
 
-def write_in_place(conn: Connection, msg: Message) -> bytes | None:
+def write_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """WRITE outside a transaction, when the node or its parent exists: the commonest mutations
     (state keys, handshakes, a new key in an existing directory) can fail only before they change
     anything, so they need no write set, no validation and no implicit Transaction; the store
     installs the change as a generation of its own.  Returns None when the parent is missing
     too: creating ancestors takes the general path."""
     path, value = _split_write(conn, msg.payload)
-    core = conn.core
     store = core.store
     found = store.lookup(path)
     if found is not None:
         key, cur = found
         node_perms = store.record_perms(cur)
-        _check_overwrite(conn, path, value, node_perms, store.record_value_len(cur))
+        _check_overwrite(core, conn, path, value, node_perms, store.record_value_len(cur))
         store.overwrite(key, cur, value)
         core.fire_node_change(path, node_perms, node_perms)
         return OK
@@ -246,24 +247,24 @@ def write_in_place(conn: Connection, msg: Message) -> bytes | None:
     if up is None:
         return None
     parent_key, parent_rec = up
-    new_perms, _size = _check_creation(conn, None, [path], value, store.record_perms(parent_rec))
+    new_perms, _size = _check_creation(core, conn, None, [path], value, store.record_perms(parent_rec))
     store.create(path, value, new_perms, parent_key)
     core.fire_node_change(path, None, new_perms)
     return OK
 
 
-def op_mkdir(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_mkdir(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
     node = txn.get(path)
     if node is not None:
-        if not can(conn, node.perms, WRITE):
+        if not can(core, conn, node.perms, WRITE):
             raise XsError("EACCES")
         return OK
-    create_node(conn, txn, path, b"")
+    create_node(core, conn, txn, path, b"")
     return OK
 
 
-def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_rm(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
     node = txn.get(path)
     if node is None:
@@ -273,7 +274,7 @@ def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
         if err.name == "ENOENT" and txn.get(paths.parent(path)) is not None:
             return OK
         raise err
-    if not can(conn, node.perms, WRITE):
+    if not can(core, conn, node.perms, WRITE):
         raise XsError("EACCES")
     if path == paths.ROOT:
         raise XsError("EINVAL", "cannot remove /")
@@ -284,47 +285,46 @@ def op_rm(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     return OK
 
 
-def rm_in_place(conn: Connection, msg: Message) -> bytes | None:
+def rm_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """RM outside a transaction of a node that exists: the store removes the subtree as one
     generation, without a write set.  Returns None for what the general path decides (a missing
     node, the root)."""
-    found = _live_record(conn, msg, WRITE)
+    found = _live_record(core, conn, msg, WRITE)
     if found is None or found[0] == paths.ROOT:
         return None
-    core = conn.core
     core.fire_removed(core.store.remove(found[0]))
     return OK
 
 
-def op_directory(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_directory(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     path = node_path(conn, single_arg(msg.payload))
-    get_node(conn, txn, path, READ)
+    get_node(core, conn, txn, path, READ)
     names = txn.children(path)
     if not names:
         return b""
     return ("\0".join(names) + "\0").encode("ascii")
 
 
-def directory_live(conn: Connection, msg: Message) -> bytes | None:
+def directory_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """DIRECTORY outside a transaction of a node that exists (a tree walk is 10^5 of these):
     one lookup and one index range scan."""
-    found = _live_record(conn, msg, READ)
+    found = _live_record(core, conn, msg, READ)
     if found is None:
         return None
-    names = conn.core.store.child_names(found[0])
+    names = core.store.child_names(found[0])
     if not names:
         return b""
     return ("\0".join(names) + "\0").encode("ascii")
 
 
-def op_directory_part(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_directory_part(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     args = split_args(msg.payload)
     if len(args) != 2 or msg.payload.count(0) != 2 or msg.payload[-1] != 0:
         raise XsError("EINVAL", "DIRECTORY_PART wants path and offset")
     path = node_path(conn, args[0])
-    node = get_node(conn, txn, path, READ)
+    node = get_node(core, conn, txn, path, READ)
     offset = atoi(args[1])
-    gen = node.gen if node.gen or not txn.writes else conn.core.store.gen + 1
+    gen = node.gen if node.gen or not txn.writes else core.store.gen + 1
     head = f"{gen}\0".encode()
     children = "".join(n + "\0" for n in txn.children(path)).encode("ascii")
     if offset >= len(children):
@@ -343,41 +343,41 @@ def op_directory_part(conn: Connection, msg: Message, txn: Transaction) -> bytes
     return head + chunk
 
 
-def op_get_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_get_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     raw = paths.decode(single_arg(msg.payload))
     if paths.is_special(raw):
         name = paths.canonicalize_special(raw)
-        return perms.format_list(conn.core.special_perms[_special_base(name)])
+        return perms.format_list(core.special_perms[_special_base(name)])
     path = paths.canonicalize(raw, conn.home)
     _check_path_max(conn, path)
-    return perms.format_list(get_node(conn, txn, path, READ).perms)
+    return perms.format_list(get_node(core, conn, txn, path, READ).perms)
 
 
 def _special_base(name: str) -> str:
     return name.split("/", 1)[0]
 
 
-def op_set_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     args = split_args(msg.payload)
     if len(args) < 2:
         raise XsError("EINVAL", "SET_PERMS wants a path and at least one permission")
     if not conn.privileged:
         limit = conn.domain.quotas["node-permissions"]
         if quota.exceeds(limit, len(args) - 1):
-            raise _refuse(conn, "node-permissions", limit, len(args) - 1)
+            raise _refuse(core, conn, "node-permissions", limit, len(args) - 1)
     new_perms = perms.parse(args[1:])
     raw = paths.decode(args[0])
     if paths.is_special(raw):
         name = paths.canonicalize_special(raw)
         if name not in paths.SPECIAL_NAMES:
             raise XsError("EINVAL", "permissions are kept on the plain special names")
-        old = conn.core.special_perms[name]
+        old = core.special_perms[name]
         if not conn.privileged:
             if not perms.is_owner(old, conn.domid, conn.target):
                 raise XsError("EACCES")
             if new_perms[0].domid != old[0].domid:
                 raise XsError("EPERM")
-        conn.core.special_perms[name] = new_perms
+        core.special_perms[name] = new_perms
         return OK
     path = paths.canonicalize(raw, conn.home)
     _check_path_max(conn, path)
@@ -389,15 +389,15 @@ def op_set_perms(conn: Connection, msg: Message, txn: Transaction) -> bytes:
             raise XsError("EACCES")
         if new_perms[0].domid != node.owner:
             raise XsError("EPERM", "only the privileged domain may change a node's owner")
-    new_perms = conn.core.mark_stale(new_perms)
-    conn.core.note_domains(new_perms)
+    new_perms = core.mark_stale(new_perms)
+    core.note_domains(new_perms)
     txn.put(path, node.value, new_perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=new_perms)
     return OK
 
 
 # ----------------------------------------------------------------------------- watches
-def op_watch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_watch(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     args = split_args(msg.payload)
     depth: int | None = None
     if len(args) == 3 and conn.domain.features & FEATURE_WATCHDEPTH:
@@ -413,46 +413,44 @@ def op_watch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
     token = args[1].decode("latin-1")
     if not conn.privileged:
         limit = conn.domain.quotas["watches"]
-        count = conn.core.watches.count_of(conn) + 1
+        count = core.watches.count_of(conn) + 1
         if quota.exceeds(limit, count):
-            raise _refuse(conn, "watches", limit, count, raw)
-        check_memory(conn, len(raw) + len(token) + 2, raw)
-    from .watches import Watch
-
+            raise _refuse(core, conn, "watches", limit, count, raw)
+        check_memory(core, conn, len(raw) + len(token) + 2, raw)
     relative = not raw.startswith("/") and not raw.startswith("@")
-    conn.core.watches.add(Watch(conn, raw, cpath, token, depth, relative))
+    core.watches.add(Watch(conn, raw, cpath, token, depth, relative))
     conn.reply(msg, OK)
-    conn.event(raw, token)
+    core.send_event(conn, raw, token)
     return b""
 
 
-def op_unwatch(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_unwatch(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     args = split_args(msg.payload)
     if len(args) != 2:
         raise XsError("EINVAL", "UNWATCH wants a path and a token")
     cpath = paths.canonicalize_any(paths.decode(args[0]), conn.home)
-    conn.core.watches.remove(conn, cpath, args[1].decode("latin-1"))
+    core.watches.remove(conn, cpath, args[1].decode("latin-1"))
     return OK
 
 
-def op_reset_watches(conn: Connection, msg: Message, txn: Transaction) -> bytes:
-    conn.core.watches.remove_all(conn)
+def op_reset_watches(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    core.watches.remove_all(conn)
     conn.drop_transactions()
     return OK
 
 
 # ----------------------------------------------------------------------------- transactions
-def op_transaction_start(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_transaction_start(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     if not conn.privileged:
         limit = conn.domain.quotas["transactions"]
         count = len(conn.transactions) + 1
         if quota.exceeds(limit, count):
-            raise _refuse(conn, "transactions", limit, count)
-    new = conn.new_transaction()
+            raise _refuse(core, conn, "transactions", limit, count)
+    new = conn.new_transaction(core.store)
     return f"{new.tx_id}\0".encode()
 
 
-def op_transaction_end(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_transaction_end(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     arg = single_arg(msg.payload)
     if arg not in (b"T", b"F"):
         raise XsError("EINVAL", "TRANSACTION_END wants T or F")
@@ -463,9 +461,8 @@ def op_transaction_end(conn: Connection, msg: Message, txn: Transaction) -> byte
     if txn.failed:
         txn.close()
         raise XsError(txn.failed)
-    core = conn.core
     if not conn.privileged and txn.writes:
-        _recheck_nodes_quota(conn, txn)
+        _recheck_nodes_quota(core, conn, txn)
     try:
         changes = txn.commit()
     except Conflict:
@@ -474,43 +471,43 @@ def op_transaction_end(conn: Connection, msg: Message, txn: Transaction) -> byte
     return OK
 
 
-def _recheck_nodes_quota(conn: Connection, txn: Transaction) -> None:
+def _recheck_nodes_quota(core: Core, conn: Connection, txn: Transaction) -> None:
     """Nodes quota at commit: other requests may have created nodes since the transaction did."""
     limit = conn.domain.quotas["nodes"]
     if not limit:
         return
     domid = conn.domid
-    get = conn.core.store.get
+    get = core.store.get
     delta = 0
     for path, new in txn.writes.items():
         old = get(path)
         delta -= old is not None and old.owner == domid
         delta += new is not None and new.owner == domid
-    count = conn.core.store.owned.get(domid, 0) + delta
+    count = core.store.owned.get(domid, 0) + delta
     if delta > 0 and quota.exceeds(limit, count):
         txn.close()
-        raise _refuse(conn, "nodes", limit, count, "transaction commit")
+        raise _refuse(core, conn, "nodes", limit, count, "transaction commit")
 
 
 # ----------------------------------------------------------------------------- misc
-def op_get_domain_path(conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def op_get_domain_path(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
     domid = parse_domid(single_arg(msg.payload))
     return f"{paths.home_of(domid)}\0".encode()
 
 
-def op_control(conn: Connection, msg: Message, txn: Transaction) -> bytes | None:
+def op_control(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes | None:
     args = split_args(msg.payload)
     if args and args[0] == b"live-update":
-        handler = conn.core.live_update
+        handler = core.live_update
         if handler is None:
             return b"live-update is not available in this process\0"
         return handler(conn, msg, [a.decode("utf-8", "replace") for a in args[1:]])
-    return control(conn, args)
+    return control(core, conn, args)
 
 
 def _domain_op(name: str) -> Handler:
-    def handler(conn: Connection, msg: Message, txn: Transaction) -> bytes:
-        ops = conn.core.domain_ops
+    def handler(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
+        ops = core.domain_ops
         if ops is None:
             raise XsError("ENOSYS", "no hypervisor interface")
         return getattr(ops, name)(conn, msg)
@@ -550,7 +547,7 @@ HANDLERS: dict[int, tuple[Handler, bool, bool]] = {
 
 # Requests outside a transaction that work on the committed store directly in their common
 # case, without a Transaction or LiveView (returning None sends them down the general path).
-IN_PLACE: dict[int, Callable[[Connection, Message], bytes | None]] = {
+IN_PLACE: dict[int, Callable[[Core, Connection, Message], bytes | None]] = {
     Op.READ: read_live,
     Op.DIRECTORY: directory_live,
     Op.WRITE: write_in_place,
@@ -574,9 +571,9 @@ PRIVILEGED_OPS = frozenset(
 NO_TXN_OPS = frozenset({Op.WATCH, Op.UNWATCH, Op.TRANSACTION_START})
 
 
-def dispatch(conn: Connection, msg: Message) -> None:
+def dispatch(core: Core, conn: Connection, msg: Message) -> None:
     """Run one request and queue its reply (and any events) on the connection."""
-    tracer = conn.core.tracer
+    tracer = core.tracer
     if tracer is not None:
         tracer.request(conn, msg.type, msg.tx_id, msg.payload)
     tx_id = msg.tx_id
@@ -584,7 +581,7 @@ def dispatch(conn: Connection, msg: Message) -> None:
         in_place = IN_PLACE.get(msg.type)
         if in_place is not None:
             try:
-                payload = in_place(conn, msg)
+                payload = in_place(core, conn, msg)
             except XsError as e:
                 conn.error(msg, e.name)
                 return
@@ -615,14 +612,13 @@ def dispatch(conn: Connection, msg: Message) -> None:
             if txn is None:
                 raise XsError("ENOENT", "no such transaction")
         if txn is None and in_txn:
-            core = conn.core
             txn = Transaction(core.store, implicit=True) if mutates else core.live_view  # type: ignore[assignment]
             implicit = True
-        payload = handler(conn, msg, txn)  # type: ignore[arg-type]
+        payload = handler(core, conn, msg, txn)  # type: ignore[arg-type]
         if implicit and mutates:
-            conn.core.commit(txn)  # type: ignore[arg-type]
+            core.commit(txn)  # type: ignore[arg-type]
         elif txn is not None and not implicit and not conn.privileged and msg.type != Op.TRANSACTION_END:
-            _check_transaction_nodes(conn, txn)  # reads count too: a read set is memory as well
+            _check_transaction_nodes(core, conn, txn)  # reads count too: a read set is memory as well
     except XsError as e:
         if txn is not None and implicit:
             txn.close()
@@ -639,12 +635,21 @@ def dispatch(conn: Connection, msg: Message) -> None:
         conn.reply(msg, payload)
 
 
-def _check_transaction_nodes(conn: Connection, txn: Transaction) -> None:
+def handle(core: Core, conn: Connection, data: bytes) -> None:
+    """Frame ``data`` and run every request it completes, in order: what an edge does with the
+    bytes a client sent.  Raises ProtocolError for bytes that are no request at all."""
+    for msg in conn.feed(data):
+        if conn.closed:
+            return
+        dispatch(core, conn, msg)
+
+
+def _check_transaction_nodes(core: Core, conn: Connection, txn: Transaction) -> None:
     limit = conn.domain.quotas["transaction-nodes"]
     touched = txn.touched
     if quota.exceeds(limit, touched):
         txn.failed = "ENOSPC"
-        raise _refuse(conn, "transaction-nodes", limit, touched)
+        raise _refuse(core, conn, "transaction-nodes", limit, touched)
 
 
-__all__ = ["DOMID_SELF", "HANDLERS", "dispatch"]
+__all__ = ["DOMID_SELF", "HANDLERS", "dispatch", "handle"]

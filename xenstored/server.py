@@ -1,7 +1,8 @@
 """trio edges: the Unix-socket listener, one task pair per socket client, and the domain pumps.
 
-Everything protocol-related happens synchronously in Connection.feed; this module only moves
-bytes.  A chunk of pipelined requests is parsed and answered as a batch and the replies leave in
+Bytes go down into Connection.feed, the requests it frames go to the dispatcher (ops.dispatch),
+and the replies the dispatcher queued on the connection come back up and out; this module only
+moves bytes.  A chunk of pipelined requests is parsed and answered as a batch and the replies leave in
 one send, so a busy client costs one recv and one send per batch, not per message.  Nothing here
 iterates over other connections, so per-request cost is independent of how many are open.
 """
@@ -18,7 +19,9 @@ import trio
 
 from .connection import Connection
 from .core import Core
-from .domains import DomainManager
+from .hypervisor.base import Hypervisor
+from .ops import handle
+from .ringpump import RingPump
 from .wire import ProtocolError
 
 log = logging.getLogger("xenstored.server")
@@ -83,7 +86,7 @@ FAIRNESS_BATCHES = 16
 SEND_CHUNK = 1 << 18
 
 
-async def run_socket_connection(conn: Connection, sock: pysocket.socket) -> None:
+async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.socket) -> None:
     """Pump one socket client until it disconnects or misbehaves.
 
     The reader answers inline: it receives a batch, runs it, and sends the replies straight away
@@ -151,7 +154,7 @@ async def run_socket_connection(conn: Connection, sock: pysocket.socket) -> None
                 raise _Done()
             inline = True
             try:
-                conn.feed(data)
+                handle(core, conn, data)
             except ProtocolError as e:
                 log.warning("%s: protocol error, disconnecting: %s", conn.label, e)
                 raise _Done() from None
@@ -173,8 +176,8 @@ async def run_socket_connection(conn: Connection, sock: pysocket.socket) -> None
     except* (_Done, OSError):
         pass
     finally:
-        conn.close()
-        conn.core.socket_fds.pop(conn.id, None)
+        core.close_connection(conn)
+        core.socket_fds.pop(conn.id, None)
         sock.close()
         log.debug("%s: closed", conn.label)
 
@@ -209,32 +212,32 @@ async def serve_listener(
                 continue
             conn = core.new_connection(socket=True)
             core.socket_fds[conn.id] = client.fileno()
-            nursery.start_soon(run_socket_connection, conn, client)
+            nursery.start_soon(run_socket_connection, core, conn, client)
 
 
 async def serve_domains(
-    manager: DomainManager, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    pump: RingPump, hv: Hypervisor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Event channels in, ring output out.  Kicks pump their domain at once; output queued by
     other clients' requests (watch events) is flushed in one pass per wakeup."""
     waker = Waker()
-    manager.wakeup = waker.set
+    pump.wakeup = waker.set
 
     async def flusher() -> None:
         while True:
             await waker.wait()
-            manager.flush()
+            pump.flush()
 
     async def scanner(interval: float) -> None:
         while True:
             await trio.sleep(interval)
-            manager.scan()
+            pump.scan()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(manager.hv.run, manager.on_port_kicked, manager.on_dom_exc)
+        await nursery.start(hv.run, pump.on_port_kicked, pump.manager.on_dom_exc)
         nursery.start_soon(flusher)
-        interval = manager.core.config.ring_scan_interval
+        interval = pump.core.config.ring_scan_interval
         if interval > 0:
             nursery.start_soon(scanner, interval)
-        manager.flush()
+        pump.flush()
         task_status.started()

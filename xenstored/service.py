@@ -30,6 +30,7 @@ from .config import Config
 from .connection import Connection
 from .core import Core
 from .domains import DomainManager
+from .ringpump import RingPump
 from .server import make_listening_socket, run_socket_connection, serve_domains, serve_listener
 from .wire import Message, Op, encode
 
@@ -64,8 +65,10 @@ class Service:
                 raise SystemExit(f"xenstored: cannot listen on {cfg.socket}: {e.strerror or e}") from None
         self.hv = hypervisor.choose(cfg.emulate, cfg.rundir)
         self.manager = DomainManager(self.core, self.hv)
+        self.pump = RingPump(self.manager)
         self.core.live_update = self.live_update_command
         self.core.reopen_logs = self._reopen_logs
+        self.core.open_tracer = lambda: logs.Tracer(cfg)
         if cfg.trace_file or cfg.access_log_file:
             self.core.tracer = logs.Tracer(cfg)
         self.lu: LiveUpdate | None = None
@@ -108,7 +111,7 @@ class Service:
         if state.hv_state and importer is not None:
             importer(state.hv_state)
         migration.restore_tree(self.core, state)
-        self._restored_sockets = migration.restore_connections(self.core, state, rebind=True)
+        self._restored_sockets = migration.restore_connections(self.core, self.manager, state, rebind=True)
         if live_update:
             self._listen_fd = state.globals.socket_fd
             os.unlink(path)
@@ -127,7 +130,7 @@ class Service:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(serve_domains, self.manager)
+                await nursery.start(serve_domains, self.pump, self.hv)
                 if self._listen_sock is not None:
                     sock = self._listen_sock
                     sock.listen(128)  # state restored, hypervisor up: now clients may come
@@ -138,7 +141,7 @@ class Service:
                 for conn_id, fd in self._restored_sockets:
                     conn = self.core.connections[conn_id]
                     self.core.socket_fds[conn_id] = fd
-                    nursery.start_soon(run_socket_connection, conn, pysocket.socket(fileno=fd))
+                    nursery.start_soon(run_socket_connection, self.core, conn, pysocket.socket(fileno=fd))
                 if cfg.persistent and cfg.persistent_interval > 0:
                     nursery.start_soon(self._persist_loop)
                 log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
