@@ -21,11 +21,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xenstored"
 
 # Bottom to top.  Within a layer, the order is the staircase too.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("protocol", ["wire", "paths", "perms", "ring", "hypervisor.xen_abi"]),
+    ("protocol", ["wire", "paths", "perms", "ring", "fxtable", "hypervisor.xen_abi"]),
     ("state", ["store", "transactions", "watches", "quota", "config"]),
     ("daemon", ["connection", "core", "domains", "control", "ops"]),
-    ("edge", ["hypervisor.base", "hypervisor.emulated", "hypervisor.xen", "hypervisor", "ringpump", "server"]),
-    ("process", ["logs", "migration", "service", "cli", "__main__"]),
+    ("edge", ["hypervisor.base", "hypervisor.emulated", "hypervisor.xen", "hypervisor", "journal", "ringpump", "server"]),
+    ("process", ["logs", "migration", "recovery", "service", "cli", "__main__"]),
 ]
 # Apart from the daemon: libraries and commands for clients.  They may use the protocol layer.
 CLIENT_SIDE = ["client", "guest"]

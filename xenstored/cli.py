@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persistent", action="store_true", default=None, help="keep the store across restarts")
     p.add_argument("--persistent-file", help="where --persistent keeps it")
     p.add_argument("--persistent-interval", type=float, help="seconds between snapshots (0: at stop only)")
+    p.add_argument("--journal-dir", help="where the write-ahead journal lives (default <rundir>/journal)")
+    p.add_argument("--journal-sync", choices=("always", "batch", "none"), help="fdatasync policy (default batch)")
+    p.add_argument("--no-journal", action="store_true", help="no journal: a crash loses the store, as with C")
     return p
 
 
@@ -98,6 +101,9 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
         "persistent": args.persistent,
         "persistent_interval": args.persistent_interval,
         "persistent_file": os.path.abspath(args.persistent_file) if args.persistent_file else None,
+        "journal_dir": os.path.abspath(args.journal_dir) if args.journal_dir else None,
+        "journal_sync": args.journal_sync,
+        "journal": False if args.no_journal else None,
     }
     for name, value in overrides.items():
         if value is not None:

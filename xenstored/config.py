@@ -37,6 +37,13 @@ class Config:
     # Seconds between snapshots while running (0: only at a clean stop).  A kill -9 loses at most
     # the changes of this window; a clean stop loses nothing.
     persistent_interval: float = 5.0
+    # The write-ahead journal (journal.py): what makes a restart after kill -9 lose nothing.
+    # Default directory <rundir>/journal: a tmpfs on a Xen host, so it survives the daemon and
+    # not the host, which is XenStore's lifetime.  Off with --persistent (its snapshots replace it).
+    journal: bool = True
+    journal_dir: str | None = None
+    journal_sync: str = "batch"  # always | batch | none
+    journal_snapshot_bytes: int = 16 << 20  # compact once the journal is this large
     live_update: bool = False  # -U: restore from <rundir>/state_dump
     foreground: bool = True  # -N (a live update keeps the log destination of a forked daemon)
     # oxenstored switches: permission checks, and the XSA-115 filter on watch events.
@@ -54,6 +61,10 @@ class Config:
     @property
     def socket(self) -> str:
         return self.socket_path or f"{self.rundir}/socket"
+
+    @property
+    def journal_path(self) -> str:
+        return self.journal_dir or f"{self.rundir}/journal"
 
 
 class ConfigError(Exception):
@@ -81,6 +92,12 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError(f"expected seconds >= 0, got {text!r}")
     return value
+
+
+def _sync_policy(text: str) -> str:
+    if text not in ("always", "batch", "none"):
+        raise ValueError(f"expected always, batch or none, got {text!r}")
+    return text
 
 
 def _emulate(text: str) -> bool | None:
@@ -121,6 +138,10 @@ KEYS = {
     "persistent": _attr("persistent", _bool),
     "persistent-file": _attr("persistent_file", str),
     "persistent-interval": _attr("persistent_interval", _seconds),
+    "journal": _attr("journal", _bool),
+    "journal-dir": _attr("journal_dir", str),
+    "journal-sync": _attr("journal_sync", _sync_policy),
+    "journal-snapshot-bytes": _attr("journal_snapshot_bytes", _uint),
     "watch-event-timeout": _attr("watch_event_timeout", _seconds),
     "ring-scan-interval": _attr("ring_scan_interval", _seconds),
     "perms-activate": _attr("perms_activate", _bool),

@@ -87,6 +87,14 @@ class Connection:
         self.pause_bytes = pause_bytes
         self.limit_bytes = limit_bytes
         self.tracer: Tracer | None = None
+        # Set by the journal for ring connections: every framed output message is recorded
+        # before it can reach the ring, and dropping queued output (unread events expiring, a
+        # reset) records the queue anew.
+        self.on_output: Callable[[bytes], None] | None = None
+        self.on_output_dropped: Callable[[], None] | None = None
+        # Transactions a previous daemon process had open for this guest: they did not survive
+        # it, so a request naming one gets EAGAIN (xenbus and the toolstack retry) once.
+        self.lost_transactions: set[int] = set()
 
     def __repr__(self) -> str:
         kind = "socket" if self.is_socket else "ring"
@@ -121,6 +129,8 @@ class Connection:
 
     # ------------------------------------------------------------------------- output
     def _queue(self, data: bytes) -> None:
+        if self.on_output is not None:
+            self.on_output(data)
         was_empty = not self._out
         self._out.append(data)
         self.out_bytes += len(data)
@@ -186,6 +196,8 @@ class Connection:
         self._out = kept
         if dropped:
             log.warning("%s: dropped %d watch events unread for %.0f s", self.label, dropped, timeout)
+            if self.on_output_dropped is not None:
+                self.on_output_dropped()
         return dropped
 
     def has_output(self) -> bool:
@@ -246,11 +258,23 @@ class Connection:
         self._out.clear()
         self._out_off = 0
         self.out_bytes = 0
+        if self.on_output_dropped is not None:
+            self.on_output_dropped()
 
     # ------------------------------------------------------------------------- transactions
+    @property
+    def next_tx_id(self) -> int:
+        return self._next_tx
+
+    def restore_transaction_ids(self, next_id: int, lost: set[int]) -> None:
+        """After a restart: ids keep counting where the dead process stopped, and the ones it
+        had open answer EAGAIN."""
+        self._next_tx = next_id or 1
+        self.lost_transactions = set(lost)
+
     def new_transaction(self, store: Store) -> Transaction:
         tx_id = self._next_tx
-        while tx_id == 0 or tx_id in self.transactions:
+        while tx_id == 0 or tx_id in self.transactions or tx_id in self.lost_transactions:
             tx_id = (tx_id + 1) & 0xFFFFFFFF
         self._next_tx = (tx_id + 1) & 0xFFFFFFFF
         txn = Transaction(store, tx_id)

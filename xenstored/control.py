@@ -98,6 +98,7 @@ def _quota(core: Core, conn: Connection, args: list[str]) -> bytes:
         if name == "soft-memory":
             raise XsError("EINVAL")
         core.config.quotas.set(name, int(args[2]))
+        core.settings_changed()
         return OK
     if args[0] == "max":
         # Highest current use of each quota among unprivileged domains.  No history is kept, so
@@ -210,5 +211,6 @@ def _quota_soft(core: Core, conn: Connection, args: list[str]) -> bytes:
         return text(f"Soft quota settings:\n{'memory':<17}: {v:8d} {quota.DESCRIPTIONS['soft-memory']}\n")
     if len(args) == 3 and args[0] == "set" and args[1] == "memory" and args[2].isdigit() and int(args[2]) >= 1:
         core.config.quotas.set("soft-memory", int(args[2]))
+        core.settings_changed()
         return OK
     raise XsError("EINVAL")

@@ -21,7 +21,7 @@ from .quota import Quotas, RefusalLog
 from .ring import Ring
 from .store import Store
 from .transactions import Change, LiveView, Transaction
-from .watches import WatchRegistry
+from .watches import Watch, WatchRegistry
 from .wire import DOMID_ANY, FEATURES_ALL, HEADER, Message
 
 log = logging.getLogger("xenstored")
@@ -84,6 +84,26 @@ class Tracer(Protocol):
     def reopen(self, trace_path: str | None = None) -> None: ...
 
 
+class Journal(Protocol):
+    """The write-ahead journal (journal.Journal), as the daemon state drives it: each hook
+    records a change, :meth:`flush` makes the recorded changes durable before the edges let
+    anyone see them."""
+
+    dirty: bool
+
+    def domain_changed(self, dom: Domain) -> None: ...
+    def domain_gone(self, domid: int) -> None: ...
+    def settings_changed(self) -> None: ...
+    def watch_added(self, conn: Connection, w: Watch) -> None: ...
+    def watch_removed(self, conn: Connection, w: Watch) -> None: ...
+    def watches_cleared(self, conn: Connection) -> None: ...
+    def transactions_changed(self, conn: Connection) -> None: ...
+    def ring_attached(self, dom: Domain) -> None: ...
+    def ring_state(self, dom: Domain) -> None: ...
+    def ring_input(self, dom: Domain, cons: int, pending: bytes) -> None: ...
+    def flush(self) -> None: ...
+
+
 # XS_CONTROL live-update: (requester, request, words) -> reply, or None when it is withheld.
 LiveUpdateHandler = Callable[[Connection, Message, list[str]], "bytes | None"]
 
@@ -113,6 +133,7 @@ class Core:
         self.reopen_logs: Callable[[], None] | None = None
         self.open_tracer: Callable[[], Tracer] | None = None  # CONTROL logfile without -T
         self._tracer: Tracer | None = None  # when a trace file or access log is configured
+        self.journal: Journal | None = None  # installed by journal.Journal.open
         self._initial_tree(owner)
 
     @property
@@ -140,7 +161,56 @@ class Core:
         if dom is None:
             dom = Domain(domid, self.config.quotas.copy())
             self.domains[domid] = dom
+            self.domain_changed(dom)
         return dom
+
+    # ------------------------------------------------------------------------- durability
+    def domain_changed(self, dom: Domain) -> None:
+        """A domain record changed (introduction, target, features, quotas, state): journal it."""
+        if self.journal is not None:
+            self.journal.domain_changed(dom)
+
+    def forget_domain(self, domid: int) -> None:
+        if self.domains.pop(domid, None) is not None and self.journal is not None:
+            self.journal.domain_gone(domid)
+
+    def settings_changed(self) -> None:
+        """Global quotas or a special path's permissions changed."""
+        if self.journal is not None:
+            self.journal.settings_changed()
+
+    def set_special_perms(self, name: str, node_perms: Perms) -> None:
+        self.special_perms[name] = node_perms
+        self.settings_changed()
+
+    def transactions_changed(self, conn: Connection) -> None:
+        """A ring connection started or ended a transaction: its ids must outlive a crash."""
+        if self.journal is not None and not conn.is_socket:
+            self.journal.transactions_changed(conn)
+
+    def durable(self) -> None:
+        """Before the edges make anything visible (a socket send, a ring write, a ring's input
+        consumed): what was recorded reaches the journal first."""
+        journal = self.journal
+        if journal is not None and journal.dirty:
+            journal.flush()
+
+    # ------------------------------------------------------------------------- watches
+    def add_watch(self, conn: Connection, w: Watch) -> None:
+        self.watches.add(w)
+        if self.journal is not None and not conn.is_socket:
+            self.journal.watch_added(conn, w)
+
+    def remove_watch(self, conn: Connection, cpath: str, token: str) -> None:
+        """Raises XsError(ENOENT) for a watch that does not exist."""
+        w = self.watches.remove(conn, cpath, token)
+        if self.journal is not None and not conn.is_socket:
+            self.journal.watch_removed(conn, w)
+
+    def remove_all_watches(self, conn: Connection) -> None:
+        self.watches.remove_all(conn)
+        if self.journal is not None and not conn.is_socket:
+            self.journal.watches_cleared(conn)
 
     def mark_stale(self, node_perms: Perms) -> Perms:
         """Flag entries naming domains the hypervisor does not know (XSA-322/417): they are
@@ -205,14 +275,15 @@ class Core:
     def reset_connection(self, conn: Connection) -> None:
         """Forget a connection's watches, transactions, partial input and queued output (ring
         reconnection, re-INTRODUCE, an ignored domain)."""
-        self.watches.remove_all(conn)
+        self.remove_all_watches(conn)
         conn.reset()
+        self.transactions_changed(conn)
 
     def close_connection(self, conn: Connection) -> None:
         """The connection is gone for good (socket closed, domain destroyed)."""
         if conn.closed:
             return
-        self.watches.remove_all(conn)
+        self.remove_all_watches(conn)
         conn.close()
         self.connections.pop(conn.id, None)
         if self._tracer is not None:

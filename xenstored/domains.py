@@ -91,6 +91,7 @@ class DomainManager:
         dom.conn, dom.ring, dom.port, dom.local_port, dom.gfn = conn, ring, remote_port, local, gfn
         dom.introduced = True
         self.by_port[local] = dom
+        self.core.domain_changed(dom)
         self.output_ready(dom)
         return conn
 
@@ -104,6 +105,9 @@ class DomainManager:
         ring.set_error(0)
         if ring.connection == RECONNECT:
             ring.connection = 0
+        self.core.domain_changed(dom)
+        if self.core.journal is not None:
+            self.core.journal.ring_attached(dom)
         self.hv.notify(local)
         self.output_ready(dom)
 
@@ -195,6 +199,7 @@ class DomainManager:
     def resume(self, conn: Connection, msg: Message) -> bytes:
         dom = self._introduced(single_arg(msg.payload))
         dom.shutdown_reported = False
+        self.core.domain_changed(dom)
         return OK
 
     def is_domain_introduced(self, conn: Connection, msg: Message) -> bytes:
@@ -212,6 +217,7 @@ class DomainManager:
         if dom is None or tdom is None or not dom.introduced or not tdom.introduced:
             raise XsError("ENOENT", "domain not introduced")
         dom.target = tdomid
+        self.core.domain_changed(dom)
         return OK
 
     # ------------------------------------------------------------------------- features, quotas
@@ -242,6 +248,7 @@ class DomainManager:
         if value < 0 or value & ~FEATURES_ALL:
             raise XsError("EINVAL", "unsupported feature bits")
         dom.features = value
+        self.core.domain_changed(dom)
         return OK
 
     def get_quota(self, conn: Connection, msg: Message) -> bytes:
@@ -271,6 +278,10 @@ class DomainManager:
         if value < 0 or value >= 0xFFFFFFFF:
             raise XsError("EINVAL")
         target.set(name.decode("latin-1"), value)
+        if len(args) == 2:
+            self.core.settings_changed()
+        else:
+            self.core.domain_changed(self._existing(args[0]))
         return OK
 
     # ------------------------------------------------------------------------- death
@@ -284,6 +295,7 @@ class DomainManager:
                 self.destroy(dom, "died" if info is None else "dying")
             elif (info.shutdown or info.crashed) and not dom.shutdown_reported:
                 dom.shutdown_reported = True
+                self.core.domain_changed(dom)
                 log.info("dom%d %s", dom.domid, "crashed" if info.crashed else "shut down")
                 self.core.fire_special(RELEASE_DOMAIN, dom.domid)
         # Domains known only from permissions, quotas or features: when they are gone, so are
@@ -291,7 +303,7 @@ class DomainManager:
         for domid in [d for d, dom in self.core.domains.items() if not dom.introduced]:
             if domid != self.core.priv_domid and self.hv.domain_info(domid) is None:
                 self.remove_domain_nodes(domid)
-                del self.core.domains[domid]
+                self.core.forget_domain(domid)
 
     def destroy(self, dom: Domain, why: str) -> None:
         """Forget a domain: its connection, its nodes (events fire), permission entries naming it,
@@ -310,7 +322,7 @@ class DomainManager:
         dom.conn = dom.ring = None
         dom.introduced = False
         self.remove_domain_nodes(dom.domid)
-        core.domains.pop(dom.domid, None)
+        core.forget_domain(dom.domid)
         core.fire_special(RELEASE_DOMAIN, dom.domid)
 
     def remove_domain_nodes(self, domid: int) -> None:
@@ -341,7 +353,7 @@ class DomainManager:
         for name, sp in list(core.special_perms.items()):
             stripped = perms.without_domain(sp, domid)
             if stripped is not None:
-                core.special_perms[name] = stripped
+                core.set_special_perms(name, stripped)
         core.commit(txn)
 
 

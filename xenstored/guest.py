@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Self
 
+from . import fxtable
 from .ring import PAGE_SIZE, RECONNECT, RING_SIZE, GuestRing
 from .wire import ERRORS, Op, Parser, XsError, encode
 
@@ -63,7 +64,12 @@ def control(command: str, fakexen_dir: str | None = None, timeout: float = 5.0) 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("")  # autobind, so the hypervisor has an address to answer to
         s.settimeout(timeout)
-        s.sendto(command.encode(), os.path.join(fx, "evtchn.sock"))
+        try:
+            s.sendto(command.encode(), os.path.join(fx, "evtchn.sock"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            # No daemon serves the emulated hypervisor (it died, or has not started): domains
+            # are the hypervisor's, not the daemon's, so change the table it left behind.
+            return fxtable.apply_offline(fx, command)
         return s.recv(512).decode(errors="replace")
 
 

@@ -377,7 +377,7 @@ def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -
                 raise XsError("EACCES")
             if new_perms[0].domid != old[0].domid:
                 raise XsError("EPERM")
-        core.special_perms[name] = new_perms
+        core.set_special_perms(name, new_perms)
         return OK
     path = paths.canonicalize(raw, conn.home)
     _check_path_max(conn, path)
@@ -418,7 +418,7 @@ def op_watch(core: Core, conn: Connection, msg: Message, txn: Transaction) -> by
             raise _refuse(core, conn, "watches", limit, count, raw)
         check_memory(core, conn, len(raw) + len(token) + 2, raw)
     relative = not raw.startswith("/") and not raw.startswith("@")
-    core.watches.add(Watch(conn, raw, cpath, token, depth, relative))
+    core.add_watch(conn, Watch(conn, raw, cpath, token, depth, relative))
     conn.reply(msg, OK)
     core.send_event(conn, raw, token)
     return b""
@@ -429,13 +429,15 @@ def op_unwatch(core: Core, conn: Connection, msg: Message, txn: Transaction) -> 
     if len(args) != 2:
         raise XsError("EINVAL", "UNWATCH wants a path and a token")
     cpath = paths.canonicalize_any(paths.decode(args[0]), conn.home)
-    core.watches.remove(conn, cpath, args[1].decode("latin-1"))
+    core.remove_watch(conn, cpath, args[1].decode("latin-1"))
     return OK
 
 
 def op_reset_watches(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
-    core.watches.remove_all(conn)
+    core.remove_all_watches(conn)
     conn.drop_transactions()
+    conn.lost_transactions.clear()
+    core.transactions_changed(conn)
     return OK
 
 
@@ -447,6 +449,7 @@ def op_transaction_start(core: Core, conn: Connection, msg: Message, txn: Transa
         if quota.exceeds(limit, count):
             raise _refuse(core, conn, "transactions", limit, count)
     new = conn.new_transaction(core.store)
+    core.transactions_changed(conn)
     return f"{new.tx_id}\0".encode()
 
 
@@ -455,6 +458,7 @@ def op_transaction_end(core: Core, conn: Connection, msg: Message, txn: Transact
     if arg not in (b"T", b"F"):
         raise XsError("EINVAL", "TRANSACTION_END wants T or F")
     del conn.transactions[txn.tx_id]
+    core.transactions_changed(conn)
     if arg == b"F":
         txn.close()
         return OK
@@ -610,6 +614,13 @@ def dispatch(core: Core, conn: Connection, msg: Message) -> None:
         if tx_id and msg.type not in NO_TXN_OPS:
             txn = conn.transactions.get(tx_id)
             if txn is None:
+                if tx_id in conn.lost_transactions:
+                    # Open when the previous daemon process died: its writes are gone, and the
+                    # guest retries the whole transaction on EAGAIN.
+                    if msg.type == Op.TRANSACTION_END:
+                        conn.lost_transactions.discard(tx_id)
+                        core.transactions_changed(conn)
+                    raise XsError("EAGAIN", "transaction lost in a daemon restart")
                 raise XsError("ENOENT", "no such transaction")
         if txn is None and in_txn:
             txn = Transaction(core.store, implicit=True) if mutates else core.live_view  # type: ignore[assignment]

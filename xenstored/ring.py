@@ -174,6 +174,44 @@ class _RingBase:
         w[self._in_cons] = (cons + avail) & _MASK
         return data
 
+    def peek(self, limit: int | None = None) -> bytes:
+        """Pending input bytes (at most ``limit``) without consuming them: the crash-only
+        daemon consumes a request only once its effect and reply are journaled (:meth:`advance`
+        then), so a request read by a process that died is read again by the next."""
+        w = self._words
+        cons = w[self._in_cons]
+        avail = (w[self._in_prod] - cons) & _MASK
+        if avail > RING_SIZE:
+            self._fail(f"input prod {w[self._in_prod]} cons {cons}")
+        if limit is not None and avail > limit:
+            avail = max(limit, 0)
+        if not avail:
+            return b""
+        mem = self._mem
+        base = self._in_off
+        off = cons & (RING_SIZE - 1)
+        end = off + avail
+        if end <= RING_SIZE:
+            return mem[base + off : base + end].tobytes()
+        return mem[base + off : base + RING_SIZE].tobytes() + mem[base : base + end - RING_SIZE].tobytes()
+
+    def advance(self, n: int) -> None:
+        """Consume ``n`` input bytes returned by :meth:`peek`."""
+        w = self._words
+        w[self._in_cons] = (w[self._in_cons] + n) & _MASK
+
+    @property
+    def in_cons(self) -> int:
+        return self._words[self._in_cons]
+
+    @in_cons.setter
+    def in_cons(self, value: int) -> None:
+        self._words[self._in_cons] = value & _MASK
+
+    @property
+    def out_prod(self) -> int:
+        return self._words[self._out_prod]
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Copy as much of ``data`` as fits into the output half; return the number of bytes taken."""
         w = self._words

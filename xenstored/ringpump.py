@@ -121,6 +121,8 @@ class RingPump:
                 self.core.reset_connection(conn)
                 ring.reset()
                 ring.connection = 0
+                if self.core.journal is not None:
+                    self.core.journal.ring_state(dom)
                 notify = True
             notify |= self._write(ring, conn)
             parser = conn.parser
@@ -128,7 +130,7 @@ class RingPump:
             for again in range(PUMP_ROUNDS):
                 found = False
                 while ring.has_input and self.wants_input(dom, conn):
-                    data = ring.read(parser.needed())
+                    data = ring.peek(parser.needed())
                     if not data:
                         break
                     notify = found = True
@@ -139,13 +141,27 @@ class RingPump:
                         # parser refuses the header as before.
                         length = HEADER.unpack_from(data)[3]
                         if 0 < length <= PAYLOAD_MAX:
-                            data += ring.read(length)
-                    for msg in conn.feed(data):
+                            data = ring.peek(HEADER_SIZE + length)
+                    try:
+                        msgs = conn.feed(data)
+                    except ProtocolError:
+                        ring.advance(len(data))  # consumed, as C does, before the error is set
+                        raise
+                    for msg in msgs:
                         if dom.ignored or conn.closed:
                             return
                         dispatch(core, conn, msg)
                     if dom.ignored or conn.closed:
                         return
+                    # Consumed only now: the request's effect, its reply and the new input
+                    # position reach the journal first, so a crash in between makes the next
+                    # process read the request again or deliver its journaled reply.
+                    journal = core.journal
+                    if journal is not None:
+                        cons = (ring.in_cons + len(data)) & 0xFFFFFFFF
+                        journal.ring_input(dom, cons, parser.pending_bytes() if parser.pending else b"")
+                        journal.flush()
+                    ring.advance(len(data))
                     self._write(ring, conn)
                 if again:
                     # Did the guest answer our notification before we even looked again?
@@ -168,10 +184,10 @@ class RingPump:
         if notify and dom.local_port is not None:
             self.hv.notify(dom.local_port)
 
-    @staticmethod
-    def _write(ring: Ring, conn: Connection) -> bool:
+    def _write(self, ring: Ring, conn: Connection) -> bool:
         if not conn.has_output():
             return False
+        self.core.durable()  # nothing reaches the guest before it is journaled
         n = ring.write(conn.peek_output(ring.writable))
         if n:
             conn.consume_output(n)
@@ -181,5 +197,6 @@ class RingPump:
         """Stop talking to a misbehaving domain; its record stays until it really dies (XSA-325)."""
         log.warning("dom%d: %s; ignoring it until it is re-introduced or dies", dom.domid, why)
         dom.ignored = True
+        self.core.domain_changed(dom)
         if dom.conn is not None:
             self.core.reset_connection(dom.conn)

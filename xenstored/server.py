@@ -110,6 +110,8 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
 
     def send_now() -> bool:
         """Send what the socket takes without waiting; True if everything went."""
+        if conn.has_output():
+            core.durable()  # a reply is visible only once what it acknowledges is journaled
         while conn.has_output():
             try:
                 n = sock.send(conn.peek_output(SEND_CHUNK))

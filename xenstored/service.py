@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import trio
 import trio.lowlevel
 
-from . import hypervisor, logs, migration
+from . import hypervisor, logs, migration, recovery
+from . import journal as journal_mod
 from .config import Config
 from .connection import Connection
 from .core import Core
@@ -76,6 +77,10 @@ class Service:
         self._restored_sockets: list[tuple[int, int]] = []
         self._nursery: trio.Nursery | None = None
         self._persisted_gen = -1
+        # Crash-only: the journal makes every start a recovery (persistence replaces it).
+        self.journal: journal_mod.Journal | None = None
+        if cfg.journal and not cfg.persistent:
+            self.journal = journal_mod.Journal(cfg.journal_path, sync=cfg.journal_sync)
 
     def _reopen_logs(self) -> None:
         logs.reopen()
@@ -88,15 +93,32 @@ class Service:
         return self.cfg.persistent_file or os.path.join(self.cfg.rundir, "xenstored.state")
 
     def restore(self, live_update: bool) -> None:
-        """Load the state a live update or a clean stop left, if any."""
+        """Load the state a live update, a crash or a stop left, if any: from the state dump of
+        a live update, else from the journal (every start after the first is a recovery), else
+        from the persistent file."""
         if self.cfg.persistent:
             for stale in glob.glob(glob.escape(self.persistent_file) + ".tmp*"):
                 os.unlink(stale)  # a snapshot a crash cut short: the real file is intact
+        journal = self.journal
+        if journal is not None and not live_update:
+            try:
+                rec = journal_mod.read_state(journal.dir)
+            except (OSError, ValueError, journal_mod.JournalError) as e:
+                raise SystemExit(
+                    f"xenstored: cannot recover from the journal in {journal.dir}: {e}; "
+                    "move that directory away to start with an empty store"
+                ) from None
+            if rec is not None:
+                self._recover(rec)
+                return
         if live_update:
             path = os.path.join(self.cfg.rundir, STATE_DUMP)
         elif self.cfg.persistent and os.path.exists(self.persistent_file):
             path = self.persistent_file
         else:
+            if journal is not None:
+                journal.open(self.core)
+                journal.snapshot_now()  # the initial tree: recovery starts from a snapshot
             if self.cfg.domain_init and not self.manager.introduce_dom0():
                 log.info("no ring page for the store domain; serving the socket only")
             return
@@ -115,6 +137,12 @@ class Service:
         if live_update:
             self._listen_fd = state.globals.socket_fd
             os.unlink(path)
+        if journal is not None:
+            # A live update continues the journal the old process flushed before its exec.
+            journal.open(self.core)
+            self._attach_rings()
+            if not live_update:
+                journal.snapshot_now()
         log.info(
             "restored %d nodes, %d connections, %d watches from %s in %.3f s",
             len(state.nodes),
@@ -123,6 +151,77 @@ class Service:
             path,
             time.perf_counter() - start,
         )
+
+    def _attach_rings(self) -> None:
+        assert self.journal is not None
+        for dom in self.core.domains.values():
+            if dom.conn is not None and dom.ring is not None:
+                self.journal.ring_attached(dom)
+
+    def _recover(self, rec: journal_mod.Recovered) -> None:
+        """Crash recovery: the acknowledged state back, every guest's ring served again."""
+        assert self.journal is not None
+        start = time.perf_counter()
+        report, dead = recovery.apply(self.core, self.manager, rec)
+        self.journal.open(self.core)
+        self.journal.replay_bytes = sum(os.path.getsize(p) for p in rec.files)
+        self._attach_rings()
+        for domid in dead:
+            dom = self.core.domains.get(domid)
+            if dom is not None:
+                self.manager.destroy(dom, "died while xenstored was down")
+        self.manager.on_dom_exc()  # shut down or dying meanwhile: report it now
+        priv = self.core.domains.get(self.core.priv_domid)
+        if self.cfg.domain_init and (priv is None or not priv.introduced):
+            self.manager.introduce_dom0()
+        for dom in list(self.core.domains.values()):
+            if dom.local_port is not None and dom.conn is not None:
+                # A request written while we were down: the guest's kick went nowhere.
+                self.hv.notify(dom.local_port)
+                self.manager.output_ready(dom)
+        self.journal.flush()
+        log.warning(
+            "recovered from the journal in %s: %d nodes, %d domains, %d rings, %d watches, "
+            "%d domains released that died meanwhile%s (%d records, %.3f s)",
+            self.journal.dir,
+            report.nodes,
+            report.domains,
+            report.rings,
+            report.watches,
+            len(dead),
+            f", a torn tail of {rec.torn_bytes} bytes dropped" if rec.torn_bytes else "",
+            rec.records,
+            time.perf_counter() - start,
+        )
+
+    async def _journal_loop(self) -> None:
+        """Compaction: a snapshot once the journal has grown, walked in slices from an MVCC
+        store snapshot and written by a worker thread, so requests go on meanwhile.  It also
+        repairs a journal whose writes failed (disk full): the snapshot holds everything."""
+        journal = self.journal
+        assert journal is not None
+        store = self.core.store
+        while True:
+            await trio.sleep(1.0)
+            if not journal.wants_snapshot(self.cfg.journal_snapshot_bytes):
+                continue
+            try:
+                seq, records = journal.begin_snapshot()
+            except OSError as e:
+                log.error("journal: cannot start a snapshot in %s: %s (retrying)", journal.dir, e)
+                continue
+            snap = store.open_snapshot()
+            try:
+                for i, rec in enumerate(journal_mod.node_records(store, snap)):
+                    records.append(rec)
+                    if i % 2000 == 1999:
+                        await trio.lowlevel.checkpoint()
+            finally:
+                store.close_snapshot(snap)
+            try:
+                await trio.to_thread.run_sync(journal.finish_snapshot, seq, records)
+            except OSError as e:
+                log.error("journal: cannot write snapshot %d in %s: %s (retrying)", seq, journal.dir, e)
 
     # ------------------------------------------------------------------------- main loop
     async def run(self, ready: Callable[[], None] | None = None) -> None:
@@ -144,6 +243,8 @@ class Service:
                     nursery.start_soon(run_socket_connection, self.core, conn, pysocket.socket(fileno=fd))
                 if cfg.persistent and cfg.persistent_interval > 0:
                     nursery.start_soon(self._persist_loop)
+                if self.journal is not None:
+                    nursery.start_soon(self._journal_loop)
                 log.info("ready: connect with XENSTORED_PATH=%s xenstore-ls -p /", cfg.socket)
                 sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {cfg.socket}")
                 if ready is not None:
@@ -165,6 +266,15 @@ class Service:
                 log.info("state saved to %s", self.persistent_file)
             except OSError as e:
                 log.error("persistence: cannot write %s at stop: %s", self.persistent_file, e)
+        if self.journal is not None:
+            # Nothing to save: the journal has it all.  A snapshot only makes the next start,
+            # which recovers from it, quicker.
+            try:
+                if self.journal.replay_bytes + self.journal.size > 1 << 20:
+                    self.journal.snapshot_now()
+            except OSError as e:
+                log.error("journal: no snapshot at stop: %s (the journal is intact)", e)
+            self.journal.close()
         self.hv.close()
         try:
             os.unlink(cfg.socket)
@@ -278,6 +388,8 @@ class Service:
                 return
             await trio.sleep(0.005)
         start = time.perf_counter()
+        if self.journal is not None:
+            self.journal.flush()  # the new process continues this journal
         sockets = {cid: fd for cid, fd in core.socket_fds.items() if cid in core.connections}
         state = migration.dump_core(core, sockets, listen_fd=self._listen_fd)
         ok = encode(Op.CONTROL, msg.req_id, msg.tx_id, b"OK\0")

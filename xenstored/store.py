@@ -20,6 +20,7 @@ import struct
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from sortedcontainers import SortedList
 
@@ -93,11 +94,19 @@ def _path(key: str) -> str:
     return "/" + name if parent_path == ROOT else parent_path + "/" + name
 
 
+class NodeLog(Protocol):
+    """Where committed node changes are recorded before anyone sees them (journal.Journal)."""
+
+    def node(self, path: str, value: bytes, perms: Perms) -> None: ...
+    def removed(self, path: str) -> None: ...
+
+
 class Store:
     """Committed state.  Mutated only by :meth:`apply`, one generation per commit."""
 
     def __init__(self) -> None:
         self.gen = 0
+        self.log: NodeLog | None = None
         self._versions: dict[str, Record | list[Version]] = {}
         self._index: SortedList = SortedList()
         self._snapshots: SortedList = SortedList()
@@ -338,11 +347,17 @@ class Store:
         gen = self.gen + 1
         touched_parents: set[str] = set()
         owned, owned_bytes = self.owned, self.owned_bytes
+        nlog = self.log
         for path, new in writes.items():
             key = _key(path)
             cur = self._latest(key)
             if cur is None and new is None:
                 continue
+            if nlog is not None:
+                if new is None:
+                    nlog.removed(path)
+                else:
+                    nlog.node(path, new.value, new.perms)
             if cur is not None and new is not None:
                 # An overwrite: commonly the same permission list, so the owner keeps its count
                 # and only the value's size changes.
@@ -393,6 +408,8 @@ class Store:
         in between on the single-threaded loop).  Returns the new generation."""
         gen = self.gen + 1
         _vgen, cgen, pid = _REC.unpack_from(cur)
+        if self.log is not None:
+            self.log.node(_path(key), value, self._perm_lists[pid])
         self.owned_bytes[self._perm_lists[pid][0].domid] += len(value) + _REC_SIZE - len(cur)
         self._put_record(key, _REC.pack(gen, cgen, pid) + value, gen)
         self.gen = gen
@@ -405,6 +422,8 @@ class Store:
         request) as a commit of its own: a WRITE outside a transaction creating one node.
         Returns the new generation."""
         gen = self.gen + 1
+        if self.log is not None:
+            self.log.node(path, value, perms)
         rec = self._pack(Node(value, perms, gen, gen))
         self._charge(path, rec, +1)
         self._put_record(_key(path), rec, gen)
@@ -429,6 +448,8 @@ class Store:
             if rec is None:
                 continue
             removed.append((p, perm_lists[_REC.unpack_from(rec)[2]]))
+            if self.log is not None:
+                self.log.removed(p)
             stack.extend(join(p, n) for n in reversed(self.child_names(p)))
             self._charge(p, rec, -1)
             self._put_record(key, None, gen)
@@ -436,6 +457,39 @@ class Store:
         self.gen = gen
         self._collect()
         return removed
+
+    def load(self, nodes: dict[str, tuple[bytes, Perms]]) -> list[str]:
+        """Replace the whole tree at once (recovery): one generation, the sorted index built in
+        one pass instead of 10^5 insertions.  Nodes whose parent is missing are left out and
+        returned (a damaged journal must not produce an orphan nobody can list)."""
+        if self._snapshots:
+            raise RuntimeError("load() needs a store without open snapshots")
+        gen = self.gen + 1
+        pack, pid_of = _REC.pack, self._perm_id
+        versions: dict[str, Record | list[Version]] = {}
+        owned: dict[int, int] = {}
+        owned_bytes: dict[int, int] = {}
+        orphans = []
+        if ROOT not in nodes:
+            nodes = {ROOT: (b"", owner_only(0)), **nodes}
+        accepted: set[str] = set()
+        for path in sorted(nodes):  # a parent sorts before its children
+            if path != ROOT and parent(path) not in accepted:
+                orphans.append(path)
+                continue
+            accepted.add(path)
+            value, node_perms = nodes[path]
+            versions[_key(path)] = pack(gen, gen, pid_of(node_perms)) + value
+            o = node_perms[0].domid
+            owned[o] = owned.get(o, 0) + 1
+            owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(value), node_perms)
+        root_key = _key(ROOT)
+        self._versions = versions
+        self._index = SortedList(k for k in versions if k != root_key)
+        self._garbage.clear()
+        self.owned, self.owned_bytes = owned, owned_bytes
+        self.gen = gen
+        return orphans
 
     def audit(self) -> tuple[dict[int, int], dict[int, int], list[str]]:
         """Recount every live node from the table itself: nodes and bytes per owner, and the

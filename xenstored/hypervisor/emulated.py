@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import mmap
 import os
 import socket
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import trio
 
+from .. import fxtable
 from ..wire import XsError
 from .base import (
     SHUTDOWN_CRASH,
@@ -47,6 +49,8 @@ from .base import (
     Hypervisor,
     PortCallback,
 )
+
+log = logging.getLogger("xenstored.hypervisor")
 
 PAGE_SIZE = 4096
 MAX_DOMID = 0x7FF0  # DOMID_FIRST_RESERVED
@@ -140,6 +144,14 @@ class EmulatedHypervisor(Hypervisor):
         self._reason: dict[int, int] = {}
         for d in parse_domain_list(domains):
             self._flags[d] = _EXISTS
+        # The table outlives the daemon, as a real hypervisor does: a restarted daemon finds the
+        # domains that exist now (some may have died while it was down), not FAKEXEN_DOMAINS.
+        saved = fxtable.load(self.dir)
+        if saved is not None:
+            self._flags = {d: f for d, (f, _r) in saved.items()}
+            self._reason = {d: r for d, (_f, r) in saved.items() if r}
+        else:
+            self._save_table()
         self._ports: dict[int, _Port] = {}
         # (domid, remote port) -> lowest local port bound to it: a kick costs one lookup, however
         # many domains there are.
@@ -200,17 +212,29 @@ class EmulatedHypervisor(Hypervisor):
                 self._flags[d] = f
                 if r:
                     self._reason[d] = r
+        self._save_table()
+
+    def _save_table(self) -> None:
+        """Keep the domain table on disk after every change (fxtable): a failure costs the
+        durability of this change only, never the command."""
+        table = {d: (f, self._reason.get(d, 0)) for d, f in self._flags.items()}
+        try:
+            fxtable.save(self.dir, table)
+        except OSError as e:
+            log.warning("emulated hypervisor: cannot save the domain table in %s: %s", self.dir, e)
 
     # Direct table manipulation, for in-process tests and embedding (no VIRQ raised).
     def create_domain(self, domid: int) -> None:
         self._flags[domid] = _EXISTS
         self._reason.pop(domid, None)
+        self._save_table()
 
     def destroy_domain(self, domid: int) -> None:
         if domid == 0:
             raise ValueError("cannot destroy dom0")
         self._flags.pop(domid, None)
         self._reason.pop(domid, None)
+        self._save_table()
 
     # -- rings ---------------------------------------------------------------------------------
 
@@ -350,6 +374,8 @@ class EmulatedHypervisor(Hypervisor):
             return ("ok 1" if flags & _EXISTS else "ok 0"), None, False
         else:
             return f"err unknown command {cmd}"[:200], None, False
+        if cmd in ("dying", "shutdown", "crash"):
+            self._save_table()
         return f"ok {cmd} {domid}", None, True
 
     def _drain(

@@ -1,0 +1,541 @@
+"""The write-ahead journal: every change is durable before anyone can see it.
+
+Crash-only, as Candea and Fox put it: the daemon has one way to start, recovery, and a ``kill -9``
+is as good a way to stop as any.  What makes that possible is this file:
+
+* Every committed change (a node written or removed, a domain record, the global quotas and the
+  special paths' permissions, a ring connection's watches and transaction ids, the output queued
+  for a ring and how far its input was consumed) is appended here as a record.
+* Records are buffered in memory and written in one ``write(2)`` per batch of requests (group
+  commit), **before** any reply of that batch leaves: the edges call :meth:`Journal.flush` before
+  a socket send, before a ring's ``rsp_prod`` moves and before a ring's ``req_cons`` moves.  The
+  sync policy then decides about ``fdatasync``: ``always`` (each batch), ``batch`` (a worker
+  every ``sync_interval`` seconds) or ``none``.
+* A periodic snapshot (the same record format, every live record once) starts a new journal
+  file; recovery reads the newest complete snapshot and replays the journals written since.
+* Each record carries a CRC-32: a torn tail (the process died inside ``write``) is detected and
+  dropped, never half-applied.
+
+Ring output is journaled as a byte stream with positions: a record says "these bytes go to the
+guest's response ring starting at rsp_prod = P".  The ring page outlives the daemon (it is the
+guest's memory), so after a restart the page's ``rsp_prod`` says exactly which of those bytes
+the guest already has: the rest is sent, nothing twice, nothing lost.  Input likewise: a request
+is consumed from the ring (``req_cons`` advanced) only after its effect, its reply and the new
+``req_cons`` are in the journal, so a request read by a process that died is read again, or its
+journaled reply is delivered.
+
+File names in the journal directory: ``snapshot.<n>`` and ``journal.<n>`` (decimal ``n``);
+``journal.<n>`` holds what happened after ``snapshot.<n>`` was taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .connection import Connection
+from .core import Core, Domain
+from .paths import ROOT, join
+from .perms import Perm, Perms
+from .store import Store
+from .watches import Watch
+
+log = logging.getLogger("xenstored.journal")
+
+MAGIC = b"XSJOURNAL1\n"
+_REC = struct.Struct("<IIB")  # payload length, CRC-32 of (kind + payload), kind
+_NODE = struct.Struct("<HIH")  # path length, value length, permission count
+_PERM = struct.Struct("<IB")  # domid, access | 0x80 when the entry is stale (XSA-322)
+_RING = struct.Struct("<II")  # domid, stream position
+
+NODE = 1
+REMOVED = 2
+META = 3
+RING_OUT = 4  # bytes appended to a ring's output at a position
+RING_OUTQ = 5  # a ring's whole pending output from a position (replaces what came before)
+RING_IN = 6  # how far a ring's input was consumed, and the partial request read so far
+
+SYNC_POLICIES = ("always", "batch", "none")
+_MASK = 0xFFFFFFFF
+_FILE = re.compile(r"^(snapshot|journal)\.(\d+)$")
+
+
+def _perm_bytes(perms: Perms) -> bytes:
+    return b"".join(_PERM.pack(p.domid, p.access | (0x80 if p.ignore else 0)) for p in perms)
+
+
+def _perms_from(data: bytes, off: int, count: int) -> Perms:
+    out = []
+    for _ in range(count):
+        domid, acc = _PERM.unpack_from(data, off)
+        off += _PERM.size
+        out.append(Perm(domid, acc & 0x7F, bool(acc & 0x80)))
+    return tuple(out)
+
+
+def _record(kind: int, payload: bytes) -> bytes:
+    return _REC.pack(len(payload), zlib.crc32(payload, kind), kind) + payload
+
+
+def node_record(path: str, value: bytes, perms: Perms) -> bytes:
+    p = path.encode("ascii")
+    return _record(NODE, _NODE.pack(len(p), len(value), len(perms)) + p + value + _perm_bytes(perms))
+
+
+def meta_record(obj: dict[str, object]) -> bytes:
+    return _record(META, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def ring_record(kind: int, domid: int, pos: int, data: bytes) -> bytes:
+    return _record(kind, _RING.pack(domid, pos & _MASK) + data)
+
+
+def read_records(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The records of one file, and how many bytes at its end were torn (0 if none)."""
+    if not data.startswith(MAGIC):
+        return [], len(data)
+    out = []
+    off = len(MAGIC)
+    end = len(data)
+    while off + _REC.size <= end:
+        length, crc, kind = _REC.unpack_from(data, off)
+        start = off + _REC.size
+        if start + length > end:
+            break
+        payload = data[start : start + length]
+        if zlib.crc32(payload, kind) != crc:
+            break
+        out.append((kind, payload))
+        off = start + length
+    return out, end - off
+
+
+# ----------------------------------------------------------------------------- recovered state
+@dataclass
+class Recovered:
+    """Everything the journal knew, keyed as the daemon keys it (last record wins)."""
+
+    nodes: dict[str, tuple[bytes, Perms]] = field(default_factory=dict)
+    domains: dict[int, dict] = field(default_factory=dict)
+    settings: dict | None = None
+    # (domid, canonical path, token) -> (path as the guest gave it, depth)
+    watches: dict[tuple[int, str, str], tuple[str, int | None]] = field(default_factory=dict)
+    transactions: dict[int, dict] = field(default_factory=dict)
+    ring_out: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+    ring_in: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    records: int = 0
+    torn_bytes: int = 0
+
+    def apply(self, kind: int, payload: bytes) -> None:
+        self.records += 1
+        if kind == NODE:
+            plen, vlen, count = _NODE.unpack_from(payload)
+            off = _NODE.size
+            path = payload[off : off + plen].decode("ascii")
+            off += plen
+            value = payload[off : off + vlen]
+            self.nodes[path] = (value, _perms_from(payload, off + vlen, count))
+        elif kind == REMOVED:
+            self.nodes.pop(payload.decode("ascii"), None)
+        elif kind in (RING_OUT, RING_OUTQ, RING_IN):
+            domid, pos = _RING.unpack_from(payload)
+            data = payload[_RING.size :]
+            if kind == RING_IN:
+                self.ring_in[domid] = (pos, data)
+            elif kind == RING_OUTQ:
+                self.ring_out[domid] = [(pos, data)] if data else [(pos, b"")]
+            else:
+                self.ring_out.setdefault(domid, []).append((pos, data))
+        elif kind == META:
+            self._meta(json.loads(payload))
+
+    def _meta(self, m: dict) -> None:
+        t = m.get("t")
+        if t == "dom":
+            self.domains[m["d"]] = m
+        elif t == "gone":
+            d = m["d"]
+            self.domains.pop(d, None)
+            self.transactions.pop(d, None)
+            self.ring_out.pop(d, None)
+            self.ring_in.pop(d, None)
+            for key in [k for k in self.watches if k[0] == d]:
+                del self.watches[key]
+        elif t == "settings":
+            self.settings = m
+        elif t == "w+":
+            self.watches[(m["d"], m["c"], m["k"])] = (m["p"], m.get("depth"))
+        elif t == "w-":
+            self.watches.pop((m["d"], m["c"], m["k"]), None)
+        elif t == "w0":
+            for key in [k for k in self.watches if k[0] == m["d"]]:
+                del self.watches[key]
+        elif t == "tx":
+            self.transactions[m["d"]] = m
+
+
+def list_files(directory: str) -> tuple[int | None, list[tuple[int, str]]]:
+    """The newest complete snapshot's number (None: none) and the journals to replay after it."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return None, []
+    snaps, journals = [], []
+    for n in names:
+        m = _FILE.match(n)
+        if m:
+            (snaps if m.group(1) == "snapshot" else journals).append(int(m.group(2)))
+    base = max(snaps) if snaps else None
+    todo = sorted(j for j in journals if base is None or j >= base)
+    return base, [(j, os.path.join(directory, f"journal.{j}")) for j in todo]
+
+
+def read_state(directory: str) -> Recovered | None:
+    """What the journal directory holds, or None when it holds nothing (a fresh start)."""
+    base, journals = list_files(directory)
+    if base is None and not journals:
+        return None
+    rec = Recovered()
+    files = ([os.path.join(directory, f"snapshot.{base}")] if base is not None else []) + [p for _, p in journals]
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            data = f.read()
+        records, torn = read_records(data)
+        if torn and base is not None and i == 0:
+            # A journal may end torn (its process died inside a write; every process starts a
+            # file of its own), a snapshot never: it is renamed into place whole.
+            raise JournalError(f"{path}: damaged after {len(data) - torn} bytes")
+        rec.torn_bytes += torn
+        for kind, payload in records:
+            rec.apply(kind, payload)
+        rec.files.append(path)
+    return rec
+
+
+class JournalError(Exception):
+    """The journal cannot be read back: recovery refuses rather than start with a wrong store."""
+
+
+# ----------------------------------------------------------------------------- the writer
+class Journal:
+    """Appends records for one daemon; installed into the store (``Store.log``) and the daemon
+    state (``Core.journal``), which call the hooks below as they change."""
+
+    def __init__(self, directory: str, *, sync: str = "batch", sync_interval: float = 0.1) -> None:
+        if sync not in SYNC_POLICIES:
+            raise ValueError(f"journal sync policy must be one of {', '.join(SYNC_POLICIES)}")
+        self.dir = directory
+        self.sync = sync
+        self.sync_interval = sync_interval
+        self.seq = 0
+        self._fd = -1
+        self._buf: list[bytes] = []
+        self.dirty = False
+        self._domains: dict[int, Domain] = {}
+        self._transactions: dict[int, Connection] = {}
+        self._settings = False
+        self._out_pos: dict[int, int] = {}
+        self.core: Core | None = None
+        self.size = 0  # bytes in the current journal file
+        self.replay_bytes = 0  # older journal files a recovery would replay besides it
+        self.snapshot_size = 0
+        self.failed: str | None = None  # why the last write failed: the next snapshot repairs it
+        self.appends = 0
+        self._unsynced = False
+        self._sync_lock = threading.Lock()
+        self._sync_stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+
+    # -- files ---------------------------------------------------------------------------------
+    def open(self, core: Core, seq: int | None = None) -> None:
+        """Start writing (after recovery, ``seq`` is the journal to continue) and hook in."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.core = core
+        core.journal = self
+        core.store.log = self
+        if seq is None:
+            base, journals = list_files(self.dir)
+            seq = max([base or 0, *(j for j, _ in journals)]) + 1
+        self._open_file(seq)
+        if self.sync == "batch" and self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, name="journal-sync", daemon=True)
+            self._syncer.start()
+
+    def _open_file(self, seq: int) -> None:
+        path = os.path.join(self.dir, f"journal.{seq}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, MAGIC)
+        old, self._fd, self.seq = self._fd, fd, seq
+        self.size = os.fstat(fd).st_size
+        if old >= 0:
+            with self._sync_lock:
+                os.close(old)
+
+    def close(self) -> None:
+        self.flush()
+        self._sync_stop.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=2)
+            self._syncer = None
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def _sync_loop(self) -> None:
+        while not self._sync_stop.wait(self.sync_interval):
+            if self._unsynced:
+                self._unsynced = False
+                with self._sync_lock, contextlib.suppress(OSError):
+                    if self._fd >= 0:
+                        os.fdatasync(self._fd)
+
+    # -- hooks: the store ------------------------------------------------------------------------
+    def node(self, path: str, value: bytes, perms: Perms) -> None:
+        self._buf.append(node_record(path, value, perms))
+        self.dirty = True
+
+    def removed(self, path: str) -> None:
+        self._buf.append(_record(REMOVED, path.encode("ascii")))
+        self.dirty = True
+
+    # -- hooks: the daemon state -----------------------------------------------------------------
+    def domain_changed(self, dom: Domain) -> None:
+        self._domains[dom.domid] = dom
+        self.dirty = True
+
+    def domain_gone(self, domid: int) -> None:
+        self._domains.pop(domid, None)
+        self._transactions.pop(domid, None)
+        self._out_pos.pop(domid, None)
+        self._buf.append(meta_record({"t": "gone", "d": domid}))
+        self.dirty = True
+
+    def settings_changed(self) -> None:
+        self._settings = True
+        self.dirty = True
+
+    def watch_added(self, conn: Connection, w: Watch) -> None:
+        self._buf.append(meta_record(watch_meta(conn.domid, w)))
+        self.dirty = True
+
+    def watch_removed(self, conn: Connection, w: Watch) -> None:
+        self._buf.append(meta_record({"t": "w-", "d": conn.domid, "c": w.cpath, "k": w.token}))
+        self.dirty = True
+
+    def watches_cleared(self, conn: Connection) -> None:
+        self._buf.append(meta_record({"t": "w0", "d": conn.domid}))
+        self.dirty = True
+
+    def transactions_changed(self, conn: Connection) -> None:
+        self._transactions[conn.domid] = conn
+        self.dirty = True
+
+    def ring_attached(self, dom: Domain) -> None:
+        """A ring connection exists (INTRODUCE, or a restore): journal its output as it is
+        queued, and record where its ring stands now."""
+        conn, ring = dom.conn, dom.ring
+        if conn is None or ring is None:
+            return
+        domid = dom.domid
+        conn.on_output = lambda data: self._ring_out(domid, data)
+        conn.on_output_dropped = lambda: self.ring_state(dom)
+        self.domain_changed(dom)
+        self.transactions_changed(conn)
+        self.ring_state(dom)
+
+    def ring_state(self, dom: Domain) -> None:
+        """The ring's whole pending output and input position (after a reset, an expiry of
+        unread events, or an attach): replaces what the journal knew of it."""
+        conn, ring = dom.conn, dom.ring
+        if conn is None or ring is None:
+            return
+        pending = conn.peek_output()
+        pos = ring.out_prod
+        self._out_pos[dom.domid] = (pos + len(pending)) & _MASK
+        self._buf.append(ring_record(RING_OUTQ, dom.domid, pos, pending))
+        self._buf.append(ring_record(RING_IN, dom.domid, ring.in_cons, conn.parser.pending_bytes()))
+        self.dirty = True
+
+    def _ring_out(self, domid: int, data: bytes) -> None:
+        pos = self._out_pos.get(domid, 0)
+        self._out_pos[domid] = (pos + len(data)) & _MASK
+        self._buf.append(ring_record(RING_OUT, domid, pos, data))
+        self.dirty = True
+
+    def ring_input(self, dom: Domain, cons: int, pending: bytes) -> None:
+        self._buf.append(ring_record(RING_IN, dom.domid, cons, pending))
+        self.dirty = True
+
+    # -- writing ----------------------------------------------------------------------------------
+    def _state_records(self) -> None:
+        for dom in self._domains.values():
+            self._buf.append(meta_record(domain_meta(dom)))
+        self._domains.clear()
+        for conn in self._transactions.values():
+            self._buf.append(meta_record(transactions_meta(conn)))
+        self._transactions.clear()
+        if self._settings and self.core is not None:
+            self._settings = False
+            self._buf.append(meta_record(settings_meta(self.core)))
+
+    def flush(self) -> None:
+        """Make everything recorded so far durable (by the sync policy) before it is visible."""
+        if not self.dirty:
+            return
+        self.dirty = False
+        if self._domains or self._transactions or self._settings:
+            self._state_records()
+        buf = self._buf
+        if not buf:
+            return
+        data = b"".join(buf)
+        buf.clear()
+        if self.failed is not None or self._fd < 0:
+            return  # the journal is behind: the next snapshot writes the whole state instead
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            if self.sync == "always":
+                os.fdatasync(self._fd)
+            else:
+                self._unsynced = True
+        except OSError as e:
+            self.failed = f"{e.strerror or e}"
+            log.error(
+                "journal: cannot write %s: %s; serving on, but changes are not crash-safe until a "
+                "snapshot succeeds (free space or fix permissions there; retried every second)",
+                self.dir,
+                self.failed,
+            )
+            return
+        self.size += len(data)
+        self.appends += 1
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def begin_snapshot(self) -> tuple[int, list[bytes]]:
+        """Switch to a new journal file and return its number with the records of everything
+        but the nodes, as they are at this instant (the caller adds the nodes of a store
+        snapshot taken at the same instant, then :meth:`finish_snapshot`)."""
+        assert self.core is not None
+        self.flush()
+        seq = self.seq + 1
+        self._open_file(seq)
+        core = self.core
+        records = [meta_record(settings_meta(core))]
+        for dom in core.domains.values():
+            records.append(meta_record(domain_meta(dom)))
+            conn = dom.conn
+            if conn is None or conn.closed or dom.ring is None:
+                continue
+            records.append(meta_record(transactions_meta(conn)))
+            records.extend(meta_record(watch_meta(dom.domid, w)) for w in core.watches.owned_by(conn))
+            pending = conn.peek_output()
+            pos = dom.ring.out_prod
+            records.append(ring_record(RING_OUTQ, dom.domid, pos, pending))
+            records.append(ring_record(RING_IN, dom.domid, dom.ring.in_cons, conn.parser.pending_bytes()))
+        return seq, records
+
+    def finish_snapshot(self, seq: int, records: Iterable[bytes]) -> None:
+        """Write ``snapshot.<seq>`` (temporary file, fsync, rename) and drop what it replaces.
+        Runs in a worker thread: nothing here touches the daemon state."""
+        path = os.path.join(self.dir, f"snapshot.{seq}")
+        tmp = path + ".tmp"
+        size = 0
+        with open(tmp, "wb") as f:
+            f.write(MAGIC)
+            for r in records:
+                f.write(r)
+                size += len(r)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        for name in os.listdir(self.dir):
+            m = _FILE.match(name)
+            if m and int(m.group(2)) < seq:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir, name))
+        self.snapshot_size = size
+        self.replay_bytes = 0
+        if self.failed is not None:
+            log.warning("journal: writing again to %s (snapshot %d)", self.dir, seq)
+            self.failed = None
+
+    def snapshot_now(self) -> None:
+        """A whole snapshot, synchronously (at a clean stop, after a restore)."""
+        assert self.core is not None
+        seq, records = self.begin_snapshot()
+        records.extend(node_records(self.core.store))
+        self.finish_snapshot(seq, records)
+
+    def wants_snapshot(self, max_bytes: int) -> bool:
+        return self.failed is not None or self.replay_bytes + self.size > max(max_bytes, 2 * self.snapshot_size)
+
+
+def node_records(store: Store, snap: int | None = None) -> Iterator[bytes]:
+    """A record for every node, pre-order from '/'; with ``snap`` (an open store snapshot) the
+    nodes as they were then, so the walk may be interleaved with requests that change them."""
+    stack = [ROOT]
+    while stack:
+        path = stack.pop()
+        node = store.get(path) if snap is None else store.get_at(path, snap)
+        if node is None:
+            continue
+        yield node_record(path, node.value, node.perms)
+        stack.extend(join(path, n) for n in reversed(store.child_names(path, snap)))
+
+
+def watch_meta(domid: int, w: Watch) -> dict[str, object]:
+    return {"t": "w+", "d": domid, "c": w.cpath, "p": w.path, "k": w.token, "depth": w.depth}
+
+
+def domain_meta(dom: Domain) -> dict[str, object]:
+    return {
+        "t": "dom",
+        "d": dom.domid,
+        "intro": dom.introduced,
+        "gfn": dom.gfn,
+        "port": dom.port,
+        "lport": dom.local_port,
+        "feat": dom.features,
+        "target": dom.target,
+        "quotas": dict(dom.quotas.values),
+        "sr": dom.shutdown_reported,
+        "ign": dom.ignored,
+    }
+
+
+def transactions_meta(conn: Connection) -> dict[str, object]:
+    return {
+        "t": "tx",
+        "d": conn.domid,
+        "next": conn.next_tx_id,
+        "open": sorted(set(conn.transactions) | conn.lost_transactions),
+    }
+
+
+def settings_meta(core: Core) -> dict[str, object]:
+    return {
+        "t": "settings",
+        "quotas": dict(core.config.quotas.values),
+        "special": {name: [[p.domid, p.access, p.ignore] for p in sp] for name, sp in core.special_perms.items()},
+    }
+
