@@ -395,11 +395,11 @@ def xenstored_page(version: str) -> str:
         "On Debian: B<XENSTORED=/usr/sbin/xenstored-py> makes "
         "/etc/init.d/xen start this daemon, B<XENSTORED_ARGS> adds options.",
     )
+    pg.tp(bold("xenstored-py.service"), "The Debian package's systemd unit, not enabled on install.")
     pg.tp(
-        bold("xenstored-py.service"),
-        "The Debian package's systemd unit (not enabled on "
-        "install); /usr/share/xenstored-py/xenstored.service.d/python-xenstored.conf is a "
-        "drop-in for hosts whose Xen ships its own xenstored.service.",
+        bold("/usr/share/xenstored-py/xenstored.service.d/python-xenstored.conf"),
+        "The Debian package's drop-in for hosts whose Xen ships its own xenstored.service: copy "
+        "it to /etc/systemd/system/xenstored.service.d/ to run this daemon instead.",
     )
     pg.sh("EXIT STATUS")
     pg.tp(
