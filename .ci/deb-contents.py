@@ -6,7 +6,9 @@ The expectations are the layout debian/README.Debian explains: the daemon as
 the source tree under dist-packages, the config as a conffile, the unit under its own name and
 disabled, man pages, Debian's trio and sortedcontainers as dependencies.
 
-Usage: .ci/deb-contents.py PACKAGE.deb   (exit 1 listing every problem found)
+Usage: .ci/deb-contents.py PACKAGE.deb [XEN.deb...]   (exit 1 listing every problem found)
+With Xen's packages given too (xen-utils-common, xen-utils-4.17, xenstore-utils), also check
+that no file of ours is one of theirs: dpkg would refuse to install both.
 """
 
 from __future__ import annotations
@@ -123,16 +125,27 @@ def check(deb: str) -> list[str]:
     return problems
 
 
+def overlaps(ours: Deb, others: list[str]) -> list[str]:
+    """Files (not directories) that ours shares with another package."""
+    mine = {name for name, m in ours.members.items() if not m.isdir()}
+    problems = []
+    for other in others:
+        shared = mine & {name for name, m in Deb(other).members.items() if not m.isdir()}
+        problems += [f"{name} is also in {Path(other).name}" for name in sorted(shared)]
+    return problems
+
+
 def main() -> int:
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    problems = check(sys.argv[1])
+    problems = check(sys.argv[1]) + overlaps(Deb(sys.argv[1]), sys.argv[2:])
     for p in problems:
         print(f"deb-contents: {p}", file=sys.stderr)
     if not problems:
         n = len(Deb(sys.argv[1]).members)
-        print(f"deb-contents: {sys.argv[1]}: {n} entries, layout as expected")
+        against = f", no file shared with {len(sys.argv) - 2} Xen packages" if sys.argv[2:] else ""
+        print(f"deb-contents: {sys.argv[1]}: {n} entries, layout as expected{against}")
     return 1 if problems else 0
 
 

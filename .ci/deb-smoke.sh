@@ -61,10 +61,15 @@ daemon=""
 [ ! -e "$XENSTORED_PATH" ] || fail "the socket outlived the daemon"
 grep -q "ready: connect with XENSTORED_PATH=$XENSTORED_PATH" "$tmp/log" || fail "no ready line in the log"
 
-# 3. Forking with a pid file, as /etc/init.d/xen starts it: returns once the socket answers.
+# 3. Forking, started the way Debian 12's /etc/init.d/xen starts $XENSTORED (start-stop-daemon,
+#    choom, $XENSTORED_ARGS then --pid-file), with an OOM adjustment a container may make (the
+#    script's -1000 needs CAP_SYS_RESOURCE): it must return once the socket answers.
 rm -rf "$run"
-"${sysenv[@]}" XENSTORED_PATH="$XENSTORED_PATH" /usr/sbin/xenstored-py --emulate --rundir "$run" \
-	--config /etc/xen/xenstored.conf --log-file "$tmp/forked.log" --pid-file "$tmp/xenstore.pid"
+args=(--emulate --rundir "$run" --config /etc/xen/xenstored.conf --log-file "$tmp/forked.log")
+"${sysenv[@]}" XENSTORED_PATH="$XENSTORED_PATH" start-stop-daemon --start --quiet \
+	--pidfile "$tmp/xenstore.pid" --exec /usr/bin/choom -- -n 100 /usr/sbin/xenstored-py -- \
+	"${args[@]}" --pid-file "$tmp/xenstore.pid" || fail "start-stop-daemon could not start it"
+xenstore-read -s / >/dev/null || fail "the socket does not answer when the start returns"
 daemon=$(cat "$tmp/xenstore.pid")
 xenstore-write /smoke/forked yes && [ "$(xenstore-read /smoke/forked)" = yes ] ||
 	fail "the forked daemon does not serve"
