@@ -150,6 +150,8 @@ METAVARS = {
     "log_file": "DEST",
     "persistent_file": "FILE",
     "persistent_interval": "SECONDS",
+    "journal_dir": "DIR",
+    "journal_sync": "POLICY",
     "fakexen_dir": "DIR",
     "timeout": "SECONDS",
     "port": "PORT",
@@ -271,6 +273,12 @@ XENSTORED_OPTIONS = {
     "persistent": "Keep the whole store across restarts (see B<PERSISTENCE>).",
     "persistent_file": "Where B<--persistent> keeps the state. Default I<RUNDIR>/xenstored.state.",
     "persistent_interval": ("Seconds between snapshots while running; 0: only at a clean stop. Default 5."),
+    "journal_dir": "Where the write-ahead journal lives (see B<RECOVERY>). Default I<RUNDIR>/journal.",
+    "journal_sync": (
+        "When the journal is synced to its disk: B<always> (each batch, before its replies), "
+        "B<batch> (every 0.1 s, the default) or B<none>. On a tmpfs the three are the same."
+    ),
+    "no_journal": "No journal: a crash or B<kill -9> loses the whole store, as with the C daemon.",
 }
 
 ENVIRONMENT = {
@@ -376,6 +384,23 @@ def xenstored_page(version: str) -> str:
         "damaged state file stops the start (exit 1) rather than starting empty: move it away "
         "to start afresh."
     )
+    pg.sh("RECOVERY")
+    pg.p(
+        "The daemon is crash-only: every change is appended to a write-ahead journal in "
+        "B<--journal-dir> (default I<RUNDIR>/journal, a tmpfs on a Xen host: it survives the "
+        "daemon and not the host) before any reply, watch event or ring index shows it, one "
+        "append per batch of requests. Every start reads the journal back, so a restart after "
+        "a crash, a B<kill -9> or B<systemctl restart> with the same command is a recovery: "
+        "every acknowledged write is there, every introduced guest keeps its ring (mapped "
+        "again, its event channel bound again to the guest's own port), its watches, its "
+        "unsent replies and events, with nothing sent twice. Transactions open at the crash "
+        "end with B<EAGAIN> on the guest's next request; a guest that died meanwhile is "
+        "released (B<@releaseDomain>). Socket clients see their connection close and "
+        "reconnect. A torn last record is dropped; a damaged snapshot stops the start (exit 1): "
+        "move the directory away to start with an empty store. Snapshots compact the journal "
+        "in the background once it passes B<journal-snapshot-bytes>. B<--persistent> turns the "
+        "journal off (its snapshots replace it)."
+    )
     pg.sh("CONTROL COMMANDS")
     pg.p("B<xenstore-control> I<COMMAND> (the real one, from Xen's utilities) sends these:")
     for name, (_fn, synopsis) in control.COMMANDS.items():
@@ -456,6 +481,7 @@ def _converter_kind(conv: object) -> str:
         config._uint: "integer >= 0",
         config._seconds: "seconds >= 0",
         config._emulate: "auto, true or false",
+        config._sync_policy: "always, batch or none",
     }
     try:
         return kinds[conv]  # type: ignore[index]
@@ -517,6 +543,12 @@ KEY_DOCS = {
     "persistent-file": "Where B<persistent> keeps the state. Default I<RUNDIR>/xenstored.state.",
     "persistent-interval": "Seconds between snapshots while running; a B<kill -9> loses at most "
     "this window, a clean stop nothing. 0: only at a clean stop.",
+    "journal": "The write-ahead journal that makes a restart after a crash lose nothing (see "
+    "B<xenstored>(8), RECOVERY). Off when B<persistent> is on.",
+    "journal-dir": "Where the journal lives. Default I<RUNDIR>/journal.",
+    "journal-sync": "B<always>: fdatasync each batch before its replies (survives a power loss "
+    "on a disk directory); B<batch>: every 0.1 s; B<none>: never.",
+    "journal-snapshot-bytes": "Compact the journal (a snapshot and a new file) once it is this large.",
     "watch-event-timeout": "Seconds an unprivileged domain's unread watch event is kept before "
     "it is dropped (B<-w watch-event=>).",
     "ring-scan-interval": "Seconds between looks at every ring even without a notification, "
