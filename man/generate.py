@@ -278,7 +278,11 @@ XENSTORED_OPTIONS = {
         "When the journal is synced to its disk: B<always> (each batch, before its replies), "
         "B<batch> (every 0.1 s, the default) or B<none>. On a tmpfs the three are the same."
     ),
-    "no_journal": "No journal: a crash or B<kill -9> loses the whole store, as with the C daemon.",
+    "check_live_update": (
+        "Only check that this binary starts and can read the state stream I<FILE>, then exit "
+        "0 (or 1 with the reason). A live update runs this first and refuses a binary that fails."
+    ),
+        "no_journal": "No journal: a crash or B<kill -9> loses the whole store, as with the C daemon.",
 }
 
 ENVIRONMENT = {

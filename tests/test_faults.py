@@ -135,3 +135,65 @@ def test_many_clients_come_and_go_abruptly(daemon, d0):
             s.close()
     assert_healthy(daemon)
     assert os.path.exists(daemon.socket)
+
+
+def test_a_failing_domain_state_lookup_costs_that_scan_not_the_daemon(caplog):
+    """On real Xen a VIRQ_DOM_EXC once raised out of the hypervisor layer through the domain
+    loop and ended the daemon: now each failing step is logged and retried, and the loop lives."""
+    import trio
+    from sansio import make_core
+
+    from xenstored.domains import DomainManager
+    from xenstored.hypervisor.base import DomainInfo, Hypervisor
+    from xenstored.ringpump import RingPump
+    from xenstored.server import serve_domains
+
+    class Failing(Hypervisor):
+        calls = 0
+
+        def domain_info(self, domid: int) -> DomainInfo | None:
+            Failing.calls += 1
+            if Failing.calls < 4:
+                raise OSError(13, "xc_domain_getinfolist: Permission denied")
+            return DomainInfo(domid)
+
+        def domains(self):
+            return []
+
+        def map_ring(self, domid, gfn):
+            raise OSError("no")
+
+        def unmap_ring(self, domid):
+            pass
+
+        def bind_interdomain(self, domid, port):
+            return 1
+
+        def unbind(self, port):
+            pass
+
+        def notify(self, port):
+            pass
+
+        def dom0_ring(self):
+            return None
+
+        async def run(self, on_port_kicked, on_dom_exc, *, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            on_dom_exc()  # raises inside: must be contained
+            on_port_kicked(99)
+            await trio.sleep_forever()
+
+    core = make_core(ring_scan_interval=0.01)
+    mgr = DomainManager(core, Failing())
+    core.domain(5).introduced = True  # a domain whose state the scan must look up
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            await n.start(serve_domains, RingPump(mgr), mgr.hv)
+            await trio.sleep(0.2)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert "the domain-state scan (VIRQ_DOM_EXC) failed" in caplog.text
+    assert "works again" in caplog.text  # retried by the scanner until it succeeded

@@ -135,3 +135,33 @@ def test_live_update_waits_for_transactions_then_refuses_or_forces(daemon):
         raise AssertionError("a forced live update discards open transactions")
     except XsError as e:
         assert e.name == "ENOENT"
+
+
+def test_a_live_update_to_a_broken_binary_is_refused_and_the_old_daemon_serves_on(daemon, tmp_path):
+    """A new binary that cannot start (or cannot read the state) must not take the store with
+    it: the old daemon checks it first, answers the requester with why, and keeps everything."""
+    with SyncClient(daemon.socket) as d0:
+        d0.write("/before", "kept")
+        broken = tmp_path / "xenstored-broken"
+        broken.write_text("#!/bin/sh\necho 'ImportError: no module named trio' >&2\nexit 1\n")
+        broken.chmod(0o755)
+        done = subprocess.run(
+            [xenstore_control(), "live-update", str(broken)],
+            env=daemon.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        out = done.stdout + done.stderr
+        assert "failed its start-up check (exit 1)" in out and "no module named trio" in out, out
+        assert "still running the old daemon" in out
+        assert d0.read("/before") == b"kept"
+        d0.write("/after", "1")
+        assert daemon.proc.poll() is None
+        # A working binary afterwards still updates.
+        ok = live_update(daemon)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+    with SyncClient(daemon.socket) as d0:
+        assert d0.read("/after") == b"1"
+    assert "live update refused" in daemon.log()

@@ -15,7 +15,7 @@ import sys
 
 import trio
 
-from . import logs
+from . import logs, migration
 from .config import Config, ConfigError, load_file
 from .service import Service
 from .wire import XsError
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal-dir", help="where the write-ahead journal lives (default <rundir>/journal)")
     p.add_argument("--journal-sync", choices=("always", "batch", "none"), help="fdatasync policy (default batch)")
     p.add_argument("--no-journal", action="store_true", help="no journal: a crash loses the store, as with C")
+    p.add_argument(
+        "--check-live-update",
+        metavar="FILE",
+        help="only check that this binary starts and can restore the state stream FILE, then exit",
+    )
     return p
 
 
@@ -142,6 +147,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = config_from_args(argv)
+    if args.check_live_update:
+        return _check_live_update(args.check_live_update)
     cfg.foreground = args.no_fork
     logs.setup(cfg, foreground=args.no_fork)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -154,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     service = Service(cfg, argv)
     service.restore(cfg.live_update)
     trio.run(service.run)
+    return 0
+
+
+def _check_live_update(path: str) -> int:
+    """The old daemon runs this before it execs us for a live update: if this binary cannot
+    start or cannot read the state, the update is refused and the old daemon keeps serving."""
+    try:
+        with open(path, "rb") as f:
+            state = migration.decode(f.read())
+    except (OSError, migration.StreamError) as e:
+        print(f"xenstored: cannot restore {path}: {e}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(state.nodes)} nodes, {len(state.connections)} connections")
     return 0
 
 

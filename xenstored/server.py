@@ -14,6 +14,7 @@ import logging
 import os
 import socket as pysocket
 import stat
+from collections.abc import Callable
 
 import trio
 
@@ -177,6 +178,9 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
             nursery.start_soon(reader)
     except* (_Done, OSError):
         pass
+    except* Exception:
+        # A bug costs this one connection, never the daemon.
+        log.exception("%s: internal error; closing this connection", conn.label)
     finally:
         core.close_connection(conn)
         core.socket_fds.pop(conn.id, None)
@@ -186,6 +190,30 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
 
 class _Done(Exception):
     """The connection ends (EOF, protocol error, or it was doomed)."""
+
+
+# What failed last, by subsystem, while it keeps failing: one log line per failure streak.
+failures: dict[str, int] = {}
+
+
+def contained(what: str, fn: Callable[..., object], *args: object) -> None:
+    """Run one step of a subsystem; an exception costs that step, is logged with what to do, and
+    the subsystem is retried on its next event.  It never ends the daemon."""
+    try:
+        fn(*args)
+    except Exception:
+        n = failures.get(what, 0) + 1
+        failures[what] = n
+        if n == 1 or n % 1000 == 0:
+            log.exception(
+                "%s failed (%d times in a row); xenstored serves on and retries it: "
+                "report this with the log if it persists",
+                what,
+                n,
+            )
+    else:
+        if failures.pop(what, None):
+            log.warning("%s works again", what)
 
 
 async def serve_socket(
@@ -225,18 +253,28 @@ async def serve_domains(
     waker = Waker()
     pump.wakeup = waker.set
 
+    def on_port_kicked(port: int) -> None:
+        contained("a ring pump", pump.on_port_kicked, port)
+
+    def on_dom_exc() -> None:
+        contained("the domain-state scan (VIRQ_DOM_EXC)", pump.manager.on_dom_exc)
+
     async def flusher() -> None:
         while True:
             await waker.wait()
-            pump.flush()
+            contained("flushing ring output", pump.flush)
 
     async def scanner(interval: float) -> None:
         while True:
             await trio.sleep(interval)
-            pump.scan()
+            contained("the periodic ring scan", pump.scan)
+            if failures.get("the domain-state scan (VIRQ_DOM_EXC)"):
+                # A scan that failed (libxenctrl refusing, say) may have missed a death: retry
+                # until one succeeds, rather than wait for the next VIRQ that may never come.
+                contained("the domain-state scan (VIRQ_DOM_EXC)", pump.manager.on_dom_exc)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(hv.run, pump.on_port_kicked, pump.manager.on_dom_exc)
+        await nursery.start(hv.run, on_port_kicked, on_dom_exc)
         nursery.start_soon(flusher)
         interval = pump.core.config.ring_scan_interval
         if interval > 0:

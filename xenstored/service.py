@@ -11,6 +11,7 @@ client sees its connection close.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -33,6 +34,7 @@ from .core import Core
 from .domains import DomainManager
 from .ringpump import RingPump
 from .server import make_listening_socket, run_socket_connection, serve_domains, serve_listener
+from .store import Store
 from .wire import Message, Op, encode
 
 log = logging.getLogger("xenstored")
@@ -203,13 +205,18 @@ class Service:
         store = self.core.store
         while True:
             await trio.sleep(1.0)
-            if not journal.wants_snapshot(self.cfg.journal_snapshot_bytes):
-                continue
+            try:
+                await self._compact(journal, store)
+            except Exception:
+                log.exception("journal: compaction failed; serving on, retried in a second")
+
+    async def _compact(self, journal: journal_mod.Journal, store: Store) -> None:
+        if journal.wants_snapshot(self.cfg.journal_snapshot_bytes):
             try:
                 seq, records = journal.begin_snapshot()
             except OSError as e:
                 log.error("journal: cannot start a snapshot in %s: %s (retrying)", journal.dir, e)
-                continue
+                return
             snap = store.open_snapshot()
             try:
                 for i, rec in enumerate(journal_mod.node_records(store, snap)):
@@ -374,6 +381,17 @@ class Service:
             return None
         return _text(f"live-update: unknown option {args[0]}")
 
+    async def _check_new_binary(self, binary: str, argv: list[str]) -> str | None:
+        """Dump the state as it is now to a side file and let the new binary read it."""
+        path = os.path.join(self.cfg.rundir, STATE_DUMP + ".check")
+        state = migration.dump_core(self.core, {}, listen_fd=self._listen_fd)
+        await trio.to_thread.run_sync(_atomic_write, path, list(migration.encode(state)), False)
+        try:
+            return await _check_binary(binary, argv, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
     async def _exec(self, lu: LiveUpdate, msg: Message, force: bool, timeout: float) -> None:
         # Let the current batch of requests finish, then wait for an instant with no open
         # transaction (they are not carried over): from that check to the exec nothing awaits,
@@ -383,6 +401,27 @@ class Service:
         await trio.lowlevel.checkpoint()
         while not force and any(c.transactions for c in core.connections.values()):
             if time.monotonic() > deadline:
+                self.lu = None
+                lu.conn.reply(msg, _text("Timeout reached, transactions still open"))
+                return
+            await trio.sleep(0.005)
+        argv = shlex.split(lu.cmdline) if lu.cmdline is not None else list(self.argv)
+        if "-U" not in argv and "--live-update" not in argv:
+            argv.append("-U")
+        if "-N" not in argv and "--no-fork" not in argv:
+            argv.insert(0, "-N")
+            if not self.cfg.log_file and not self.cfg.foreground:
+                argv.insert(1, "--log-file=syslog")  # where the forked daemon was logging
+        # Before we are gone: does the new binary start and read our state?  If not, the update
+        # is refused and this process serves on with everything it has.
+        why = await self._check_new_binary(lu.binary, argv)
+        if why is not None:
+            self.lu = None
+            log.error("live update refused: %s", why)
+            lu.conn.reply(msg, _text(f"live-update: {why}; still running the old daemon"))
+            return
+        while not force and any(c.transactions for c in core.connections.values()):
+            if time.monotonic() > deadline:  # one started while the check ran, and stays open
                 self.lu = None
                 lu.conn.reply(msg, _text("Timeout reached, transactions still open"))
                 return
@@ -398,13 +437,6 @@ class Service:
                 c.out_data += ok
         path = os.path.join(self.cfg.rundir, STATE_DUMP)
         _atomic_write(path, migration.encode(state), sync=False)
-        argv = shlex.split(lu.cmdline) if lu.cmdline is not None else list(self.argv)
-        if "-U" not in argv and "--live-update" not in argv:
-            argv.append("-U")
-        if "-N" not in argv and "--no-fork" not in argv:
-            argv.insert(0, "-N")
-            if not self.cfg.log_file and not self.cfg.foreground:
-                argv.insert(1, "--log-file=syslog")  # where the forked daemon was logging
         fds = [self._listen_fd, *sockets.values()]
         for fd in fds:
             os.set_inheritable(fd, True)
@@ -426,6 +458,22 @@ class Service:
             self.lu = None
             log.error("live update: exec failed: %s", e)
             lu.conn.reply(msg, _text(f"live-update: exec of {lu.binary} failed: {e}"))
+
+
+async def _check_binary(binary: str, argv: list[str], state_path: str, timeout: float = 60.0) -> str | None:
+    """Run ``binary argv --check-live-update STATE``; None if it succeeded, else why not."""
+    cmd = [binary, *[a for a in argv if a not in ("-U", "--live-update")], "--check-live-update", state_path]
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    except trio.TooSlowError:
+        return f"{binary} did not finish its start-up check in {timeout:.0f} s"
+    except OSError as e:
+        return f"cannot run {binary}: {e.strerror or e}"
+    if done.returncode != 0:
+        tail = (done.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return f"{binary} failed its start-up check (exit {done.returncode}): {tail[0][:200]}"
+    return None
 
 
 def sd_notify(state: str) -> bool:
