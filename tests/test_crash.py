@@ -13,15 +13,19 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from conftest import Daemon, start_daemon, stop_daemon_process
+from conftest import Daemon, _clean_env, _wait_accepting, start_daemon, stop_daemon_process
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
-from robustness import GUESTS, fx, guest, introduce, spawn
+from robustness import GUESTS, fx, guest, introduce, spawn, wait_until
 
 from xenstored import guest as guestlib
 from xenstored.client import SyncClient
@@ -416,3 +420,44 @@ def test_operations_and_crashes_against_a_model() -> None:
     # Crash points tried, for the record (and so that a change that never crashes fails).
     print(f"\n{CrashMachine.total_crashes} crashes in {examples} examples")
     assert CrashMachine.total_crashes >= examples // 5
+
+
+def test_a_full_journal_disk_costs_durability_for_a_while_never_the_daemon(crashing, tmp_path):
+    """The file size limit stands in for a full disk: the journal's next reservation fails, the
+    daemon says so and serves on, and the next snapshot (retried every second) repairs it."""
+    start, _restart = crashing
+    rundir = tempfile.mkdtemp(prefix="xs", dir="/tmp")
+    limit = 1536 * 1024
+    boot = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "sys.argv = ['xenstored', *sys.argv[1:]]; runpy.run_module('xenstored', run_name='__main__')"
+    )
+    log_path = os.path.join(rundir, "daemon.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", boot, "-N", "--emulate", "--rundir", rundir],
+            env=_clean_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_accepting(os.path.join(rundir, "socket"), proc, log_path)
+        with SyncClient(os.path.join(rundir, "socket")) as d0:
+            for i in range(1200):
+                d0.write(f"/big/n{i}", "x" * 1000)
+            assert wait_until(lambda: "journal: cannot write" in Path(log_path).read_text())
+            assert d0.read("/big/n1199") == b"x" * 1000  # still serving
+            assert wait_until(lambda: "journal: writing again" in Path(log_path).read_text(), timeout=10)
+            d0.write("/after", "ok")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    d = start(rundir)
+    with SyncClient(d.socket) as d0:
+        assert d0.read("/after") == b"ok"
+        assert d0.read("/big/n1199") == b"x" * 1000
+        assert all(d0.read(f"/big/n{i}") == b"x" * 1000 for i in range(0, 1200, 7))
