@@ -147,7 +147,8 @@ def part2(nodes: int, rings: int, watches: int) -> None:
         t_rings = time.perf_counter() - t0
         with Client(sock) as c:
             assert c.read(f"/scale/d{(nodes - 1) // per_dir}/n{(nodes - 1) % per_dir}") == f"value-{nodes - 1}".encode()
-        log = open(os.path.join(rundir, "daemon.log")).read()
+        with open(os.path.join(rundir, "daemon.log")) as f:
+            log = f.read()
         line = [ln for ln in log.splitlines() if "recovered from the journal" in ln][-1]
         print(f"recovery: {nodes:,} nodes, {rings} guest rings, {per_guest * rings:,} watches")
         print(f"  exec to socket answering: {t_socket:.3f} s")

@@ -472,20 +472,48 @@ class Store:
         orphans = []
         if ROOT not in nodes:
             nodes = {ROOT: (b"", owner_only(0)), **nodes}
-        accepted: set[str] = set()
-        for path in sorted(nodes):  # a parent sorts before its children
-            if path != ROOT and parent(path) not in accepted:
-                orphans.append(path)
-                continue
-            accepted.add(path)
-            value, node_perms = nodes[path]
-            versions[_key(path)] = pack(gen, gen, pid_of(node_perms)) + value
+        # Insertion order puts parents first (a snapshot is pre-order, and a journal creates a
+        # node only under an existing parent), so one pass in that order finds the orphans.
+        overhead = NODE_OVERHEAD
+        pids: dict[int, int] = {}  # permission lists are shared objects: hash each one once
+        for path, (value, node_perms) in nodes.items():
+            cut = path.rfind("/")
+            if cut <= 0:
+                if path != ROOT and ROOT + "\0" not in versions:
+                    orphans.append(path)
+                    continue
+                key = "/\0" + path[1:]
+            else:
+                key = path[:cut] + "\0" + path[cut + 1 :]
+                up = path[:cut]
+                ucut = up.rfind("/")
+                if (("/\0" + up[1:]) if ucut <= 0 else (up[:ucut] + "\0" + up[ucut + 1 :])) not in versions:
+                    orphans.append(path)
+                    continue
+            pid = pids.get(id(node_perms))
+            if pid is None:
+                pid = pids[id(node_perms)] = pid_of(node_perms)
+            versions[key] = pack(gen, gen, pid) + value
             o = node_perms[0].domid
             owned[o] = owned.get(o, 0) + 1
-            owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(value), node_perms)
+            owned_bytes[o] = owned_bytes.get(o, 0) + overhead + len(path) + len(value) + 8 * len(node_perms)
+        if orphans:
+            # Out of order after all?  Sorted, a parent comes before its children.
+            late, orphans = orphans, []
+            for path in sorted(late):
+                if _key(parent(path)) not in versions:
+                    orphans.append(path)
+                    continue
+                value, node_perms = nodes[path]
+                versions[_key(path)] = pack(gen, gen, pid_of(node_perms)) + value
+                o = node_perms[0].domid
+                owned[o] = owned.get(o, 0) + 1
+                owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(value), node_perms)
         root_key = _key(ROOT)
         self._versions = versions
-        self._index = SortedList(k for k in versions if k != root_key)
+        keys = list(versions)
+        keys.remove(root_key)
+        self._index = SortedList(keys)
         self._garbage.clear()
         self.owned, self.owned_bytes = owned, owned_bytes
         self.gen = gen
