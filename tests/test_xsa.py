@@ -701,3 +701,18 @@ def test_xsa_418_very_deep_trees(daemon, d0):
         assert not g.exists("d")
         assert quota_usage(d0, 5)["nodes"] == 1
         assert_healthy(daemon, g)
+
+
+def test_set_perms_to_an_owner_the_hypervisor_does_not_know_is_enoent_and_changes_nothing(daemon):
+    """C 4.17: ENOENT, permissions unchanged; a domain that exists but is not introduced yet
+    may own nodes (libxl sets them before INTRODUCE)."""
+    with SyncClient(daemon.socket) as d0:
+        d0.write("/t/a", "1")
+        with pytest.raises(XsError) as e:
+            d0.set_perms("/t/a", ["n77", "r0"])
+        assert e.value.name == "ENOENT"
+        assert d0.get_perms("/t/a") == ["n0"]
+        d0.set_perms("/t/a", ["n0", "r77"])  # a reader that does not exist is fine (as C)
+        hv(daemon, "create 78")  # exists, not introduced
+        d0.set_perms("/t/a", ["n78", "r0"])
+        assert d0.get_perms("/t/a") == ["n78", "r0"]

@@ -21,6 +21,7 @@ from .store import Node, node_size
 from .transactions import Conflict, Transaction
 from .watches import Watch
 from .wire import (
+    DOMID_ANY,
     DOMID_SELF,
     FEATURE_WATCHDEPTH,
     PAYLOAD_MAX,
@@ -389,6 +390,12 @@ def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -
             raise XsError("EACCES")
         if new_perms[0].domid != node.owner:
             raise XsError("EPERM", "only the privileged domain may change a node's owner")
+    owner = new_perms[0].domid
+    hv = core.hypervisor
+    if hv is not None and owner != DOMID_ANY and hv.domain_info(owner) is None:
+        # As C 4.17: a node cannot be given to a domain that does not exist (a domain that
+        # exists but is not introduced yet is fine: libxl sets permissions before INTRODUCE).
+        raise XsError("ENOENT", f"owner dom{owner} does not exist")
     new_perms = core.mark_stale(new_perms)
     core.note_domains(new_perms)
     txn.put(path, node.value, new_perms, existed=True)
