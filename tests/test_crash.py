@@ -461,3 +461,49 @@ def test_a_full_journal_disk_costs_durability_for_a_while_never_the_daemon(crash
         assert d0.read("/after") == b"ok"
         assert d0.read("/big/n1199") == b"x" * 1000
         assert all(d0.read(f"/big/n{i}") == b"x" * 1000 for i in range(0, 1200, 7))
+
+
+def test_the_respawn_wrapper_brings_a_killed_daemon_back_and_stops_with_it(tmp_path):
+    """conf/xenstored-supervise: what a host without systemd uses instead of Restart=always."""
+    rundir = tempfile.mkdtemp(prefix="xs", dir="/tmp")
+    sock = os.path.join(rundir, "socket")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "xenstored-supervise")
+    env = dict(_clean_env(), XENSTORED_DAEMON=f"{sys.executable} -m xenstored", XENSTORED_RUNDIR=rundir)
+    done = subprocess.run([script, "--emulate", "--rundir", rundir], env=env, timeout=60, check=False)
+    assert done.returncode == 0  # returned once the socket answered
+    try:
+        with SyncClient(sock) as d0:
+            d0.write("/kept", "1")
+        pid = _peer_pid(sock)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: _answers(sock) and _peer_pid(sock) != pid, timeout=20)
+        with SyncClient(sock) as d0:
+            assert d0.read("/kept") == b"1"
+        pid = _peer_pid(sock)
+    finally:
+        os.kill(_peer_pid(sock), signal.SIGTERM)
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20)
+    time.sleep(0.5)
+    assert not _answers(sock)  # a clean stop is not restarted
+
+
+def _answers(sock: str) -> bool:
+    try:
+        with SyncClient(sock, timeout=2) as c:
+            c.read("/")
+        return True
+    except (OSError, XsError):
+        return False
+
+
+def _peer_pid(sock: str) -> int:
+    import socket as pysocket
+    import struct
+
+    s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        s.connect(sock)
+        creds = s.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
+    finally:
+        s.close()
