@@ -29,7 +29,7 @@ from xenstored.client import SyncClient
 sys.path.insert(0, GUESTS)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xenbus import (  # noqa: E402 - found through tests/guests
+from xenbus import (
     State,
     backend_path,
     domain_destroy,
@@ -40,8 +40,6 @@ from xenbus import (  # noqa: E402 - found through tests/guests
     vbd_destroy,
     vbd_remove_start,
 )
-
-from bench.bench_domains import run_wave  # noqa: E402
 
 TIMEOUT = 20.0
 
@@ -103,7 +101,20 @@ class Program:
             return ""
         return self.proc.stderr.read()
 
+    def collect(self) -> list[dict[str, Any]]:
+        """Every line printed so far (without waiting)."""
+        while True:
+            try:
+                line = self._q.get_nowait()
+            except queue.Empty:
+                return self.lines
+            if line is None:
+                self._q.put(None)  # keep the end marker for expect() and drain()
+                return self.lines
+            self.lines.append(line)
+
     def states(self, domid: int, key: str = "state") -> list[int]:
+        self.collect()
         return [ln[key] for ln in self.lines if ln.get("dom") == domid and key in ln]
 
     def stop(self) -> None:
@@ -224,5 +235,52 @@ def test_vbd_handshake_and_hot_unplug(daemon, d0, programs):
     assert fe_seen[-4:] == [State.INITIALISED, State.CONNECTED, State.CLOSING, State.CLOSED], fe_seen
     assert not d0.exists(fe) and not d0.exists(be) and not d0.exists(f"/local/domain/0/backend/vbd/{domid}")
     assert not [ln for ln in backend.lines if "error" in ln]
+    domain_destroy(d0, fx(daemon), domid)
+    assert_healthy(daemon)
+
+
+def test_backend_killed_mid_handshake_and_a_new_one_takes_over(daemon, d0, programs):
+    """kill -9 of the backend after InitWait: the frontend stays Initialised, the daemon drops the
+    dead connection and its watches, and a new backend process completes the handshake."""
+    domid = 8
+    fe, be = frontend_path(domid), backend_path(domid)
+    domain_make(d0, fx(daemon), domid)
+    vbd_add(d0, domid)
+    before = memreport(daemon, d0)
+    first = Program(daemon, "blkback.py", "--freeze-at", str(int(State.INITIALISED)))
+    programs.append(first)
+    frontend = Program(daemon, "blkfront.py", str(domid), "--verbose")
+    programs.append(frontend)
+    first.expect(lambda ln: ln.get("frozen"))  # it saw Initialised and hangs before connecting
+    # The backend's connection, with its bus and otherend watches; the frontend's two watches.
+    assert memreport(daemon, d0) == {"watches": before["watches"] + 4, "connections": before["connections"] + 1}
+    first.proc.kill()
+    first.proc.wait(TIMEOUT)
+
+    # The toolstack sees the backend's connection and both its watches (bus, otherend) gone.
+    deadline = time.monotonic() + TIMEOUT
+    while memreport(daemon, d0) != dict(before, watches=before["watches"] + 2):
+        assert time.monotonic() < deadline, memreport(daemon, d0)
+        time.sleep(0.02)
+    # Nobody moves: the frontend waits in Initialised for a backend that is in InitWait.
+    time.sleep(0.3)
+    assert (read_state(d0, fe), read_state(d0, be)) == (State.INITIALISED, State.INIT_WAIT)
+    assert frontend.states(domid) == [State.INITIALISED]
+
+    second = Program(daemon, "blkback.py")
+    programs.append(second)
+    wait_states(d0, {fe: State.CONNECTED, be: State.CONNECTED})
+    frontend.expect(lambda ln: ln.get("state") == State.CONNECTED)
+    assert frontend.states(domid) == [State.INITIALISED, State.CONNECTED]
+    # The new backend re-announced InitWait (ignored by a frontend that is past Initialising).
+    second.expect(lambda ln: ln.get("state") == State.CONNECTED)
+    assert second.states(domid) == [State.INIT_WAIT, State.CONNECTED]
+    assert d0.read(f"{be}/sectors") == b"2097152"
+
+    vbd_remove_start(d0, domid)
+    wait_states(d0, {fe: State.CLOSED, be: State.CLOSED})
+    vbd_destroy(d0, domid)
+    frontend.stop()
+    assert not [ln for ln in frontend.lines + second.lines if "error" in ln]
     domain_destroy(d0, fx(daemon), domid)
     assert_healthy(daemon)
