@@ -41,6 +41,8 @@ from xenbus import (
     vbd_remove_start,
 )
 
+from bench.bench_domains import run_wave
+
 TIMEOUT = 20.0
 
 
@@ -283,4 +285,18 @@ def test_backend_killed_mid_handshake_and_a_new_one_takes_over(daemon, d0, progr
     frontend.stop()
     assert not [ln for ln in frontend.lines + second.lines if "error" in ln]
     domain_destroy(d0, fx(daemon), domid)
+    assert_healthy(daemon)
+
+
+def test_fifty_domains_connect_at_once(daemon):
+    """bench.bench_domains reduced: 50 domains in 2 blkfront processes against 2 blkback
+    processes, all Connected on both sides, then unplugged and released, with no error.
+    (Counts only: timings on a shared machine belong to the benchmark, not to a test.)"""
+    r = run_wave(daemon.socket, fx(daemon), list(range(100, 150)), frontends=2, backends=2, timeout=60.0)
+    assert r["errors"] == 0, r["error_samples"]
+    assert r["connected"] == r["both_connected"] == 50, r
+    assert "destroy_per_domain_ms" in r, r  # the teardown ran to the end
+    with SyncClient(daemon.socket) as c:
+        assert not c.exists("/local/domain/0/backend/vbd") or c.ls("/local/domain/0/backend/vbd") == []
+        assert [d for d in c.ls("/local/domain") if d != "0"] == []
     assert_healthy(daemon)
