@@ -173,9 +173,12 @@ def _rm(c: Toolstack, path: str, tx: int) -> None:
             raise
 
 
-def hypervisor(fx: str, command: str) -> str:
-    """One emulated-hypervisor command (``create N``...); RuntimeError unless it succeeded."""
-    reply = control(command, fx)
+def hypervisor(fx: str, command: str, timeout: float = 30.0) -> str:
+    """One emulated-hypervisor command (``create N``...); RuntimeError unless it succeeded.
+
+    The reply comes once the daemon has handled the VIRQ_DOM_EXC the command raises; a daemon
+    that rescans every domain on each VIRQ (C xenstored) takes seconds with 1000 of them."""
+    reply = control(command, fx, timeout)
     if not reply.startswith("ok"):
         raise RuntimeError(f"fake hypervisor: {command!r} -> {reply!r}")
     return reply
