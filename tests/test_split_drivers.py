@@ -237,7 +237,7 @@ def test_vbd_handshake_and_hot_unplug(daemon, d0, programs):
     fe_seen = dedup(backend.states(domid, "fe"))  # Initialising first, unless the frontend was quick
     assert fe_seen[-4:] == [State.INITIALISED, State.CONNECTED, State.CLOSING, State.CLOSED], fe_seen
     assert not d0.exists(fe) and not d0.exists(be) and not d0.exists(f"/local/domain/0/backend/vbd/{domid}")
-    assert not [ln for ln in backend.lines if "error" in ln]
+    assert not [ln for ln in backend.collect() if "error" in ln]
     domain_destroy(d0, fx(daemon), domid)
     assert_healthy(daemon)
 
@@ -284,7 +284,7 @@ def test_backend_killed_mid_handshake_and_a_new_one_takes_over(daemon, d0, progr
     wait_states(d0, {fe: State.CLOSED, be: State.CLOSED})
     vbd_destroy(d0, domid)
     frontend.stop()
-    assert not [ln for ln in frontend.lines + second.lines if "error" in ln]
+    assert not [ln for ln in frontend.collect() + second.collect() if "error" in ln]
     domain_destroy(d0, fx(daemon), domid)
     assert_healthy(daemon)
 
