@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -322,7 +323,8 @@ def run_wave(
             report.update(measure())
         w.disconnect()
     except (TimeoutError, OSError, RuntimeError) as e:
-        w.errors.append(f"wave aborted: {e!r}")
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        w.errors.append(f"wave aborted: {e!r} at {os.path.basename(where.filename)}:{where.lineno} {where.line}")
     finally:
         w.close()
     report.update(w.times)

@@ -31,11 +31,14 @@ With --exit-when-unplugged the process exits once every domain has had a device 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import select
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from xenbus import State, read_opt, read_state, switch_state, transact
 
@@ -43,6 +46,41 @@ from xenstored.guest import Guest
 from xenstored.wire import XsError
 
 PROTOCOL = "x86_64-abi"  # XEN_IO_PROTO_ABI_NATIVE on x86-64
+
+
+class MuxGuest(Guest):
+    """A Guest that, while it waits for its own reply, also drains the event channels of every
+    other domain of the process (and remembers which were kicked).
+
+    Why: a kick nobody reads is a datagram held in the sender's socket buffer.  Our daemon sends
+    each port's kicks from its own socket, but the oracle's fakexen shim sends all of them, and
+    its replies to hypervisor commands, from one: with ~130 domains each holding one unread kick
+    its buffer is full, further kicks and replies are dropped, and every request then waits for
+    the 0.25 s ring poll.  A real guest has no such problem (an event channel is a bit).
+    """
+
+    peers: ClassVar[dict[int, MuxGuest]] = {}  # by event socket fd: all the process's guests
+    kicked: ClassVar[set[MuxGuest]] = set()
+
+    def __init__(self, domid: int, timeout: float) -> None:
+        super().__init__(domid, timeout=timeout)
+        MuxGuest.peers[self._ev.fileno()] = self
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._ev.recv(64):
+                pass
+
+    def _wait(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            super()._wait(deadline)  # raises the TimeoutError
+        ready, _, _ = select.select(list(MuxGuest.peers), [], [], min(remaining, 0.25))
+        for fd in ready:
+            peer = MuxGuest.peers[fd]
+            peer.drain()
+            if peer is not self:
+                MuxGuest.kicked.add(peer)
 
 
 @dataclass
@@ -63,7 +101,7 @@ class Domain:
         self.proc = proc
         self.domid = domid
         self.home = f"/local/domain/{domid}"
-        self.g = Guest(domid, timeout=timeout)
+        self.g = MuxGuest(domid, timeout=timeout)
         self.devices: dict[str, Device] = {}
         self.by_token: dict[str, Device] = {}
         self.had_device = False
@@ -232,22 +270,20 @@ class Frontends:
             dom.start()
         fds = list(self.by_fd)
         while not (exit_when_unplugged and self.unplugged()):
-            busy = [d for d in self.domains if d.pending()]
-            for dom in busy:
-                dom.handle_events()
-            if busy:
-                continue
-            ready, _, _ = select.select(fds, [], [], 1.0)
-            # The event channel only says "look at your ring"; on a timeout look at every ring
-            # anyway (a kick lost to a full socket queue must not strand a domain).
-            for fd in ready or fds:
-                dom = self.by_fd[fd]
-                try:
-                    while dom.g._ev.recv(64):
-                        pass
-                except BlockingIOError:
-                    pass
-                dom.g._poll()
+            kicked, MuxGuest.kicked = MuxGuest.kicked, set()
+            busy = bool(kicked) or any(d.pending() for d in self.domains)
+            ready, _, _ = select.select(fds, [], [], 0 if busy else 1.0)
+            # The event channel only says "look at your ring"; after a second of silence look at
+            # every ring anyway (a kick lost to a full socket queue must not strand a domain).
+            guests = {self.by_fd[fd].g for fd in ready} | kicked
+            if not busy and not ready:
+                guests = {d.g for d in self.domains}
+            for g in guests:
+                g.drain()
+                g._poll()
+            for dom in self.domains:
+                if dom.pending():
+                    dom.handle_events()
 
     def close(self) -> None:
         for dom in self.domains:
