@@ -356,6 +356,9 @@ def bench(d: Daemon, levels: list[int], *, frontends: int, backends: int, reads:
 
                 def measure(n: int = n, cpu0: float = cpu0, k: int = k) -> dict[str, Any]:
                     m: dict[str, Any] = {"daemon_cpu_s": cpu_seconds(pid) - cpu0, "rss_kib": rss_kib(pid)}
+                    idle0, t_idle = cpu_seconds(pid), perf()
+                    time.sleep(2.0)  # everyone connected and quiet: what do N idle domains cost?
+                    m["idle_cpu_pct"] = (cpu_seconds(pid) - idle0) / (perf() - t_idle) * 100
                     m["read_us"], m["read_mean_us"] = read_latency_us(g, reads)
                     m.update(intro_release_us(c, d.fx, 32000 + k * cycles, cycles))
                     return m
@@ -363,10 +366,19 @@ def bench(d: Daemon, levels: list[int], *, frontends: int, backends: int, reads:
                 r = run_wave(d.socket, d.fx, list(range(base, base + n)), frontends=frontends,
                              backends=backends, timeout=timeout, measure=measure)
                 r["rss_kib_after_teardown"] = rss_kib(pid)
-                if "read_us" in r:
-                    r["read_ratio"] = r["read_us"] / out["read_us_alone"]
                 out["levels"][n] = r
                 print(format_level(n, r), flush=True)
+            # Alone again, after every wave: the first figure comes from a daemon just started.
+            again = read_latency_us(g, reads)[0]
+            out["read_us_alone_before"], out["read_us_alone_after"] = out["read_us_alone"], again
+            out["read_us_alone"] = min(out["read_us_alone"], again)
+            for n, r in out["levels"].items():
+                if "read_us" in r:
+                    r["read_ratio"] = r["read_us"] / out["read_us_alone"]
+            print(f"guest READ alone: {out['read_us_alone_before']:.0f} us before the waves, {again:.0f} us "
+                  f"after; with N connected / alone: "
+                  + ", ".join(f"{n}: x{r['read_ratio']:.2f}" for n, r in out["levels"].items() if "read_ratio" in r),
+                  flush=True)
         finally:
             g.close()
         c.request(Op.RELEASE, f"{probe}\0".encode())
@@ -381,8 +393,8 @@ def format_level(n: int, r: dict[str, Any]) -> str:
         f"{n:5d} domains: connected {r['connected']}/{n} (both sides {r['both_connected']}) in "
         f"{r['connect_s']:.2f} s (toolstack {r['toolstack_s']:.2f} s), errors {r['errors']}; "
         f"daemon RSS {r['rss_kib'] / 1024:.1f} MiB, CPU {r['daemon_cpu_s']:.2f} s "
-        f"({r['daemon_cpu_s'] / n * 1e3:.2f} ms/domain); guest READ {r['read_us']:.0f} us "
-        f"(x{r['read_ratio']:.2f} of alone); INTRODUCE {r['introduce_us']:.0f} us, "
+        f"({r['daemon_cpu_s'] / n * 1e3:.2f} ms/domain), idle {r['idle_cpu_pct']:.1f}% CPU; "
+        f"guest READ {r['read_us']:.0f} us; INTRODUCE {r['introduce_us']:.0f} us, "
         f"RELEASE {r['release_us']:.0f} us; unplug {r.get('unplug_s', float('nan')):.2f} s, "
         f"destroy {r.get('destroy_per_domain_ms', float('nan')):.2f} ms/domain"
     )
