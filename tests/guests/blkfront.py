@@ -5,8 +5,9 @@ Linux's xen-blkfront xenbus driver (drivers/block/xen-blkfront.c) and the fronte
 Usage: blkfront.py DOMAINS [--exit-when-unplugged] [--verbose]   (DOMAINS: "5" or "100-349,400")
 
 One process may act as many domains (the benchmark runs 1000 of them in a few processes): every
-domain has its own :class:`xenstored.guest.Guest` and the process multiplexes their event channels
-with select, so it is only ever driven by watch events, never by re-reading states.
+domain has its own :class:`xenstored.guest.Guest` (a :class:`MuxGuest`, which keeps reading every
+domain's event channel while one of them waits for a reply) and the process multiplexes their
+event channels with select, so it is only ever driven by watch events, never by re-reading states.
 
 Per domain, as Linux does:
 
