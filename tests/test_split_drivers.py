@@ -175,6 +175,12 @@ def dedup(xs: list[int]) -> list[int]:
     return [x for i, x in enumerate(xs) if i == 0 or xs[i - 1] != x]
 
 
+def in_order(seen: list[int], order: list[int]) -> bool:
+    """``seen`` is ``order`` with some states skipped, none repeated or reversed."""
+    it = iter(order)
+    return all(any(x == y for y in it) for x in seen)
+
+
 def memreport(daemon, c: SyncClient) -> dict[str, int]:
     """``watches`` and ``connections`` from CONTROL memreport (written to a file of ours)."""
     path = os.path.join(daemon.rundir, "memreport.txt")
@@ -233,9 +239,16 @@ def test_vbd_handshake_and_hot_unplug(daemon, d0, programs):
     assert frontend.states(domid) == [State.INITIALISED, State.CONNECTED, State.CLOSING, State.CLOSED]
     seen = dedup(frontend.states(domid, "be"))
     assert seen[-4:] == [State.INIT_WAIT, State.CONNECTED, State.CLOSING, State.CLOSED], seen
-    assert backend.states(domid) == [State.INIT_WAIT, State.CONNECTED, State.CLOSING, State.CLOSED]
-    fe_seen = dedup(backend.states(domid, "fe"))  # Initialising first, unless the frontend was quick
-    assert fe_seen[-4:] == [State.INITIALISED, State.CONNECTED, State.CLOSING, State.CLOSED], fe_seen
+    # A watch event names the path, not the value: a side that reads the other's state late sees
+    # only the newest one (Linux's drivers too), so the backend may miss the frontend's short
+    # Closing, or Connected when the toolstack unplugs at once.  It reacts in order all the same.
+    be_states = backend.states(domid)
+    assert be_states in ([State.INIT_WAIT, State.CONNECTED, State.CLOSING, State.CLOSED],
+                         [State.INIT_WAIT, State.CONNECTED, State.CLOSED]), be_states
+    fe_seen = dedup(backend.states(domid, "fe"))
+    assert in_order(fe_seen, [State.INITIALISING, State.INITIALISED, State.CONNECTED, State.CLOSING,
+                              State.CLOSED]), fe_seen
+    assert State.INITIALISED in fe_seen and fe_seen[-1] == State.CLOSED, fe_seen
     assert not d0.exists(fe) and not d0.exists(be) and not d0.exists(f"/local/domain/0/backend/vbd/{domid}")
     assert not [ln for ln in backend.collect() if "error" in ln]
     domain_destroy(d0, fx(daemon), domid)
