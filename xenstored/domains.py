@@ -333,9 +333,12 @@ class DomainManager:
         txn = Transaction(store, implicit=True)
         priv = core.priv_domid
         keep = core.config.keep_orphans
-        stack = [paths.ROOT]
-        while stack:
-            path = stack.pop()
+        removed: set[str] = set()
+        # The nodes naming the domain, from the store's index (not a walk of the whole tree:
+        # a release must not cost more with every other guest's nodes), parents first.
+        for path in sorted(store.naming(domid)):
+            if any(a in removed for a in _ancestors(path)):
+                continue  # gone with an owned subtree above it
             node = store.get(path)
             if node is None:
                 continue
@@ -344,12 +347,11 @@ class DomainManager:
                     txn.put(path, node.value, perms.with_owner(node.perms, priv), existed=True)
                 else:
                     txn.remove_tree(path)
-                    continue
+                    removed.add(path)
             else:
                 stripped = perms.without_domain(node.perms, domid)
                 if stripped is not None:
                     txn.put(path, node.value, stripped, existed=True)
-            stack.extend(paths.join(path, n) for n in store.child_names(path))
         for name, sp in list(core.special_perms.items()):
             stripped = perms.without_domain(sp, domid)
             if stripped is not None:
@@ -359,6 +361,14 @@ class DomainManager:
 
 def _nothing(dom: Domain) -> None:
     pass
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while path != paths.ROOT:
+        path = paths.parent(path)
+        out.append(path)
+    return out
 
 
 __all__ = ["ERRORS", "Domain", "DomainManager"]

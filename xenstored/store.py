@@ -118,8 +118,12 @@ class Store:
         # Permission lists are few and shared by many nodes: records name them by number.
         self._perm_ids: dict[Perms, int] = {}
         self._perm_lists: list[Perms] = []
+        # Latest records by permission list (id -> keys): which nodes name a domain, found from
+        # the few distinct lists instead of a walk of the whole tree (a domain's death).
+        self._users: dict[int, set[str]] = {}
         root = Node(b"", owner_only(0), 0, 0)
-        self._versions[_key(ROOT)] = self._pack(root)  # "/\0": never in the index, no directory lists it
+        self._versions[_key(ROOT)] = self._pack(root)
+        self._users[0] = {_key(ROOT)}  # "/\0": never in the index, no directory lists it
         self.owned[0] = 1
         self.owned_bytes[0] = node_bytes(ROOT, root)
 
@@ -370,6 +374,7 @@ class Store:
                     continue
             if cur is not None:
                 self._charge(path, cur, -1)
+                self._users[_REC.unpack_from(cur)[2]].discard(key)
             if new is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))
@@ -382,7 +387,9 @@ class Store:
                 cgen = gen
             else:
                 cgen = _REC.unpack_from(cur)[1]
-            rec = _REC.pack(gen, cgen, self._perm_id(node_perms)) + new.value
+            pid = self._perm_id(node_perms)
+            self._users.setdefault(pid, set()).add(key)
+            rec = _REC.pack(gen, cgen, pid) + new.value
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
             owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
@@ -424,9 +431,12 @@ class Store:
         gen = self.gen + 1
         if self.log is not None:
             self.log.node(path, value, perms)
-        rec = self._pack(Node(value, perms, gen, gen))
+        pid = self._perm_id(perms)
+        rec = _REC.pack(gen, gen, pid) + value
         self._charge(path, rec, +1)
-        self._put_record(_key(path), rec, gen)
+        key = _key(path)
+        self._users.setdefault(pid, set()).add(key)
+        self._put_record(key, rec, gen)
         self._child_list_changed(parent_key, gen)
         self.gen = gen
         if self._garbage:
@@ -447,7 +457,9 @@ class Store:
             rec = self._latest(key)
             if rec is None:
                 continue
-            removed.append((p, perm_lists[_REC.unpack_from(rec)[2]]))
+            pid = _REC.unpack_from(rec)[2]
+            removed.append((p, perm_lists[pid]))
+            self._users[pid].discard(key)
             if self.log is not None:
                 self.log.removed(p)
             stack.extend(join(p, n) for n in reversed(self.child_names(p)))
@@ -510,6 +522,10 @@ class Store:
                 owned[o] = owned.get(o, 0) + 1
                 owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(value), node_perms)
         root_key = _key(ROOT)
+        users: dict[int, set[str]] = {}
+        for key, rec in versions.items():
+            users.setdefault(_REC.unpack_from(rec)[2], set()).add(key)  # type: ignore[arg-type]
+        self._users = users
         self._versions = versions
         keys = list(versions)
         keys.remove(root_key)
@@ -518,6 +534,17 @@ class Store:
         self.owned, self.owned_bytes = owned, owned_bytes
         self.gen = gen
         return orphans
+
+    def naming(self, domid: int) -> list[str]:
+        """Live paths whose permission list names ``domid`` (as owner or otherwise): O(distinct
+        permission lists + the answer), whatever the size of the store."""
+        out: list[str] = []
+        users = self._users
+        for pid, node_perms in enumerate(self._perm_lists):
+            keys = users.get(pid)
+            if keys and any(p.domid == domid for p in node_perms):
+                out.extend(_path(k) for k in keys)
+        return out
 
     def audit(self) -> tuple[dict[int, int], dict[int, int], list[str]]:
         """Recount every live node from the table itself: nodes and bytes per owner, and the
