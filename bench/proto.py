@@ -64,6 +64,17 @@ def peer_pid(path: str) -> int:
     return struct.unpack("3i", creds)[0]
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (utime + stime from /proc/<pid>/stat): a round trip's
+    wall-clock hides the daemon's own cost behind the kernel's wakeups, this does not."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

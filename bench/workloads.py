@@ -121,7 +121,12 @@ def w_sequential(d: Daemon, size: Size, rnd: int) -> Metrics:
         writes = [frame(WRITE, b"%s/w%d\0value-%d" % (base.encode(), i % 16, i)) for i in range(size.seq)]
         seq_us(c, reads[:200])
         seq_us(c, writes[:200])
-        return {"read_us": seq_us(c, reads), "write_us": seq_us(c, writes)}
+        out: Metrics = {}
+        for name, frames in (("read", reads), ("write", writes)):
+            cpu0 = proto.cpu_seconds(d.pid)
+            out[f"{name}_us"] = seq_us(c, frames)
+            out[f"{name}_cpu_us"] = (proto.cpu_seconds(d.pid) - cpu0) / len(frames) * 1e6
+        return out
 
 
 # ------------------------------------------------------------------------------------- pipelined
@@ -150,8 +155,12 @@ def w_pipelined(d: Daemon, size: Size, rnd: int) -> Metrics:
                 else:
                     frames = [frame(WRITE, b"%s/c%d/w%d\0value-%d" % (base.encode(), k, i % 64, i)) for i in range(n)]
                 args.append((d.socket, frames, depth))
+            cpu0 = proto.cpu_seconds(d.pid)
             res = run_workers(_pipe_worker, args)
-            out[f"{op}_{conns}x{depth}_ops"] = sum(r["n"] for r in res) / span(res)
+            cpu = proto.cpu_seconds(d.pid) - cpu0  # warm-up requests included: an upper bound
+            done = sum(r["n"] for r in res)
+            out[f"{op}_{conns}x{depth}_ops"] = done / span(res)
+            out[f"{op}_{conns}x{depth}_cpu_us"] = cpu / done * 1e6
     return out
 
 
@@ -612,21 +621,24 @@ def w_guest(d: Daemon, size: Size, rnd: int) -> Metrics:
             _introduce(c, d.fx, one)
             path = f"/local/domain/{one}/x".encode() + b"\0"
 
-            def seq_reads() -> float:
+            def seq_reads(cpu_key: str) -> float:
                 for _ in range(100):
                     g.request(READ, path)
+                cpu0 = proto.cpu_seconds(d.pid)
                 t0 = perf()
                 for _ in range(size.guest_reads):
                     g.request(READ, path)
-                return (perf() - t0) / size.guest_reads * 1e6
+                us = (perf() - t0) / size.guest_reads * 1e6
+                out[cpu_key] = (proto.cpu_seconds(d.pid) - cpu0) / size.guest_reads * 1e6
+                return us
 
             # A guest runs on its own vCPU, never on dom0's: the main figure keeps the guest
             # process and the daemon on different CPUs.  Sharing one CPU (only possible when
             # emulated) shows the CPU cost of both sides instead; reported for comparison.
             with pinned_apart(d.pid):
-                out["guest_read_us"] = seq_reads()
+                out["guest_read_us"] = seq_reads("guest_read_cpu_us")
             with pinned_together(d.pid):
-                out["guest_read_one_cpu_us"] = seq_reads()
+                out["guest_read_one_cpu_us"] = seq_reads("guest_read_one_cpu_cpu_us")
         finally:
             g.close()
         _release(c, d.fx, one)
