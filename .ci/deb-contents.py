@@ -25,6 +25,7 @@ SITE = "usr/lib/python3/dist-packages"
 EXPECTED = {
     # path: mode (None: any; a directory's entries are checked through the files in it)
     "usr/sbin/xenstored-py": 0o755,
+    "usr/sbin/xenstored-py-supervise": 0o755,
     "usr/bin/xenstore-guest": 0o755,
     "etc/xen/xenstored.conf": 0o644,
     "lib/systemd/system/xenstored-py.service": 0o644,
