@@ -105,7 +105,12 @@ class Service:
         if journal is not None and not live_update:
             try:
                 rec = journal_mod.read_state(journal.dir)
-            except (OSError, ValueError, journal_mod.JournalError) as e:
+            except OSError as e:
+                raise SystemExit(
+                    f"xenstored: cannot read the journal in {journal.dir}: {e.strerror or e}; "
+                    "fix its permissions, or give another journal-dir (--journal-dir)"
+                ) from None
+            except (ValueError, journal_mod.JournalError) as e:
                 raise SystemExit(
                     f"xenstored: cannot recover from the journal in {journal.dir}: {e}; "
                     "move that directory away to start with an empty store"
@@ -119,7 +124,7 @@ class Service:
             path = self.persistent_file
         else:
             if journal is not None:
-                journal.open(self.core)
+                self._open_journal()
                 journal.snapshot_now()  # the initial tree: recovery starts from a snapshot
             if self.cfg.domain_init and not self.manager.introduce_dom0():
                 log.info("no ring page for the store domain; serving the socket only")
@@ -141,7 +146,7 @@ class Service:
             os.unlink(path)
         if journal is not None:
             # A live update continues the journal the old process flushed before its exec.
-            journal.open(self.core)
+            self._open_journal()
             self._attach_rings()
             if not live_update:
                 journal.snapshot_now()
@@ -154,6 +159,16 @@ class Service:
             time.perf_counter() - start,
         )
 
+    def _open_journal(self) -> None:
+        assert self.journal is not None
+        try:
+            self.journal.open(self.core)
+        except OSError as e:
+            raise SystemExit(
+                f"xenstored: cannot write the journal in {self.journal.dir}: {e.strerror or e}; "
+                "give it a writable journal-dir (--journal-dir), or run without one (--no-journal)"
+            ) from None
+
     def _attach_rings(self) -> None:
         assert self.journal is not None
         for dom in self.core.domains.values():
@@ -165,7 +180,7 @@ class Service:
         assert self.journal is not None
         start = time.perf_counter()
         report, dead = recovery.apply(self.core, self.manager, rec)
-        self.journal.open(self.core)
+        self._open_journal()
         self.journal.replay_bytes = sum(os.path.getsize(p) for p in rec.files)
         self._attach_rings()
         for domid in dead:
