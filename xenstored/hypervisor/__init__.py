@@ -6,9 +6,15 @@ import os
 
 from .base import DomainInfo, Hypervisor
 
-__all__ = ["DomainInfo", "Hypervisor", "choose", "fakexen_dir"]
+__all__ = ["DomainInfo", "Hypervisor", "HypervisorError", "choose", "fakexen_dir"]
 
 EVTCHN_DEVICE = "/dev/xen/evtchn"
+
+
+class HypervisorError(RuntimeError):
+    """The backend cannot be used (folder locked by another daemon, Xen library missing, device
+    not openable).  The message is meant for the operator as is: it says what is wrong, where,
+    and what to do; the daemon prints it and exits with status 1."""
 
 
 def fakexen_dir(rundir: str | os.PathLike[str]) -> str:
