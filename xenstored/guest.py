@@ -58,19 +58,25 @@ def default_fakexen_dir() -> str:
     raise RuntimeError("set FAKEXEN_DIR (or pass fakexen_dir) to find the emulated hypervisor")
 
 
-def control(command: str, fakexen_dir: str | None = None, timeout: float = 5.0) -> str:
-    """Send one fake-hypervisor command and return its ``ok ...``/``err ...`` reply."""
-    fx = fakexen_dir or default_fakexen_dir()
+def ask(command: str, fakexen_dir: str, timeout: float = 5.0) -> str:
+    """Send one command to the running emulated hypervisor and return its reply; raises
+    FileNotFoundError or ConnectionRefusedError when no daemon serves ``fakexen_dir``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("")  # autobind, so the hypervisor has an address to answer to
         s.settimeout(timeout)
-        try:
-            s.sendto(command.encode(), os.path.join(fx, "evtchn.sock"))
-        except (FileNotFoundError, ConnectionRefusedError):
-            # No daemon serves the emulated hypervisor (it died, or has not started): domains
-            # are the hypervisor's, not the daemon's, so change the table it left behind.
-            return fxtable.apply_offline(fx, command)
+        s.sendto(command.encode(), os.path.join(fakexen_dir, "evtchn.sock"))
         return s.recv(512).decode(errors="replace")
+
+
+def control(command: str, fakexen_dir: str | None = None, timeout: float = 5.0) -> str:
+    """Send one fake-hypervisor command and return its ``ok ...``/``err ...`` reply."""
+    fx = fakexen_dir or default_fakexen_dir()
+    try:
+        return ask(command, fx, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        # No daemon serves the emulated hypervisor (it died, or has not started): domains
+        # are the hypervisor's, not the daemon's, so change the table it left behind.
+        return fxtable.apply_offline(fx, command)
 
 
 def default_port(domid: int, fakexen_dir: str) -> int:
@@ -97,7 +103,7 @@ def unserved_reason(domid: int, fakexen_dir: str, port: int | None = None, timeo
     if port is None:
         port = default_port(domid, fakexen_dir)
     try:
-        reply = control(f"notify {domid} {port}", fakexen_dir, timeout)
+        reply = ask(f"notify {domid} {port}", fakexen_dir, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         sock = os.path.join(fakexen_dir, "evtchn.sock")
         return f"no emulated hypervisor answers at {sock} (is xenstored running, with this FAKEXEN_DIR?)"
@@ -106,7 +112,7 @@ def unserved_reason(domid: int, fakexen_dir: str, port: int | None = None, timeo
     if not reply.startswith("err no binding"):
         return None
     try:
-        known = control(f"exists {domid}", fakexen_dir, timeout)
+        known = ask(f"exists {domid}", fakexen_dir, timeout)
     except OSError:
         known = ""
     if known == "ok 0":

@@ -29,8 +29,10 @@ State directory (``$FAKEXEN_DIR``, default ``<rundir>/fx``):
     to start instead, naming the holder.
 
 Ring files go with their domain: ``destroy <N>`` removes ``dom<N>.ring`` (a later ``create <N>``
-must not find the dead domain's indexes in it), and a clean stop removes them all unless a state
-stream that refers to them was written (persistence: the guests outlive this process).
+must not find the dead domain's indexes in it), and a clean stop removes those of domains the
+table does not hold (a guest that attached to a domain never created, one destroyed offline).
+The rings of existing domains stay: the table outlives the daemon, as a real hypervisor's does,
+and a restarted daemon (journal, persistence) serves those pages again.
 
 Why not the real text parsing of C (strtol): we accept what ``int(x, 0)`` accepts; garbage gets an
 ``err ...`` reply instead of being read as 0.
@@ -69,7 +71,7 @@ MAX_PORT = 4096
 DGRAM_MAX = 512  # commands are short; anything longer is garbage anyway
 BATCH = 256  # datagrams drained per wakeup before yielding, as fakexen does
 LOCK_FILE = "xenstored.lock"
-_RING_FILE = re.compile(r"dom[0-9]+\.ring")
+_RING_FILE = re.compile(r"dom([0-9]+)\.ring")
 
 _EXISTS = 0x01
 _DYING = 0x02
@@ -156,7 +158,6 @@ class EmulatedHypervisor(Hypervisor):
                 f"cannot create the emulated hypervisor's folder {self.dir}: {e.strerror or e}"
             ) from None
         self._lock_fd = self._lock()
-        self._state_exported = False  # a state stream refers to our ring files: keep them
         if domains is None:
             domains = os.environ.get("FAKEXEN_DOMAINS")
         self._xsd_port_text = xsd_port or os.environ.get("FAKEXEN_XSD_PORT") or "1"
@@ -247,7 +248,6 @@ class EmulatedHypervisor(Hypervisor):
     def export_state(self) -> bytes:
         """The domain table, for a state stream: the emulated hypervisor must outlive a daemon
         process across live update and restart, as the real one does."""
-        self._state_exported = True
         entries = sorted(self._flags.items())
         return "".join(f"{d} {f} {self._reason.get(d, 0)}\n" for d, f in entries).encode("ascii")
 
@@ -535,20 +535,20 @@ class EmulatedHypervisor(Hypervisor):
                 os.unlink(self.sock_path)
             except OSError:
                 pass
-            if not self._state_exported:
-                self._remove_ring_files()
+            self._remove_ring_files()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # last: the folder is clean before another daemon may take it
             self._lock_fd = -1
 
     def _remove_ring_files(self) -> None:
-        """The domain table dies with this process, so do the pages it described."""
+        """Pages of domains that do not exist: nobody will map them again."""
         try:
             names = os.listdir(self.dir)
         except OSError:
             return
         for name in names:
-            if _RING_FILE.fullmatch(name):
+            m = _RING_FILE.fullmatch(name)
+            if m and self.domain_info(int(m.group(1))) is None:
                 try:
                     os.unlink(self.dir / name)
                 except OSError:
