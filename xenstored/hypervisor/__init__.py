@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import os
 
-from .base import DomainInfo, Hypervisor
+from .base import DomainInfo, Hypervisor, HypervisorError
 
 __all__ = ["DomainInfo", "Hypervisor", "HypervisorError", "choose", "fakexen_dir"]
 
 EVTCHN_DEVICE = "/dev/xen/evtchn"
-
-
-class HypervisorError(RuntimeError):
-    """The backend cannot be used (folder locked by another daemon, Xen library missing, device
-    not openable).  The message is meant for the operator as is: it says what is wrong, where,
-    and what to do; the daemon prints it and exits with status 1."""
 
 
 def fakexen_dir(rundir: str | os.PathLike[str]) -> str:

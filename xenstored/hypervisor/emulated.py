@@ -54,12 +54,12 @@ import trio
 
 from .. import fxtable
 from ..wire import XsError
-from . import HypervisorError
 from .base import (
     SHUTDOWN_CRASH,
     DomainInfo,
     DomExcCallback,
     Hypervisor,
+    HypervisorError,
     PortCallback,
 )
 

@@ -28,9 +28,8 @@ from collections.abc import Callable
 import trio
 
 from ..wire import ERRORS, XsError
-from . import HypervisorError
 from . import xen_abi as abi
-from .base import SHUTDOWN_CRASH, DomainInfo, DomExcCallback, Hypervisor, PortCallback
+from .base import SHUTDOWN_CRASH, DomainInfo, DomExcCallback, Hypervisor, HypervisorError, PortCallback
 
 PAGE_SIZE = 4096
 STORE_DOMID = 0  # the domain whose page is /proc/xen/xsd_kva (C: xenbus_master_domid(), default 0)
