@@ -29,11 +29,12 @@ DEFAULT_RUNDIR = "/run/xenstored"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line and exit status 1 (as every other start-up
-    refusal), not a usage dump and status 2."""
+    """argparse, but a malformed option value is one line (no usage dump), still with
+    argparse's exit status 2, which the man page documents."""
 
     def error(self, message: str) -> NoReturn:
-        raise SystemExit(f"xenstored: {message} (see xenstored --help)")
+        print(f"xenstored: {message} (see xenstored --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _log_level_arg(text: str) -> str:
