@@ -189,7 +189,8 @@ def _check_documented(kind: str, names: list[str], prose: dict[str, str]) -> Non
 # What each xenstored option does, keyed by argparse dest: the page's text for it, fuller than
 # the parser's one-line --help (flags, value names and order come from the parser).
 XENSTORED_OPTIONS = {
-    "help": "Print the option summary and exit 0.",
+    "help": "Print the option summary and exit 0, before anything is touched.",
+    "version": "Print the version and exit 0, before anything is touched.",
     "no_fork": (
         "Stay in the foreground: the command runs the daemon and returns when it stops. Without "
         "B<-N> the daemon forks like cxenstored, and the command returns 0 only once the socket "
@@ -334,7 +335,8 @@ def xenstored_page(version: str) -> str:
     pg.sh("OPTIONS")
     pg.p(
         "Options override the config file, which overrides the defaults. Unknown options are "
-        "warned about on standard error and ignored, as upstream's are."
+        "warned about on standard error (with the nearest known option when one is close) and "
+        "ignored, as upstream's are."
     )
     for o in opts:
         pg.tp(o.tag(), XENSTORED_OPTIONS[o.dest].format(quota_names=names, quota_aliases=aliases))
@@ -434,15 +436,17 @@ def xenstored_page(version: str) -> str:
     pg.tp(
         bold("0"),
         "A clean stop (SIGTERM, SIGINT); when forking, the daemon is ready; "
-        "another daemon holds the B<--pid-file> lock; B<--help>.",
+        "another daemon holds the B<--pid-file> lock; B<--help>, B<--version>.",
     )
     pg.tp(
         bold("1"),
-        "The daemon could not start: a bad config file (the message names file, line "
-        "and key), a bad B<-Q>/B<-q>/B<-w> setting, a socket another daemon serves, an "
-        "unreadable state file; when forking, the daemon died before it was ready.",
+        "The daemon could not start, said in one line on standard error: a bad config value "
+        "(the message names file, line and key), a bad option value or log level, a run "
+        "directory that cannot be written, a socket another daemon serves, an emulated "
+        "hypervisor folder another daemon holds, a missing Xen library, an unreadable state "
+        "file; when forking, the parent prints the daemon's reason.",
     )
-    pg.tp(bold("2"), "A malformed option value (e.g. B<-E> with no number).")
+    pg.tp(bold("2"), "A malformed option value (e.g. B<-E> with no number, or B<--log-level> that is not a level), said in one line.")
     pg.sh("SEE ALSO")
     pg.raw(", ".join(f"{bold(n)}({s})" for n, s in SEE_ALSO))
     pg.p("Xen's docs/misc/xenstore.txt and docs/designs/xenstore-migration.md.")
@@ -481,6 +485,8 @@ def _converter_kind(conv: object) -> str:
     kinds = {
         str: "string",
         int: "integer",
+        config._int: "integer",
+        config.log_level: "debug, info, warning or error",
         config._bool: "boolean",
         config._uint: "integer >= 0",
         config._seconds: "seconds >= 0",

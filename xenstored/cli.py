@@ -7,16 +7,19 @@ accepts connections, so an init script can use the store right after starting it
 from __future__ import annotations
 
 import argparse
+import difflib
 import fcntl
 import logging
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import trio
 
-from . import logs, migration
-from .config import Config, ConfigError, load_file
+from . import __version__, logs, migration
+from .config import Config, ConfigError, load_file, log_level
+from .hypervisor import HypervisorError
 from .service import Service
 from .wire import XsError
 
@@ -25,10 +28,30 @@ log = logging.getLogger("xenstored")
 DEFAULT_RUNDIR = "/run/xenstored"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a malformed option value is one line (no usage dump), still with
+    argparse's exit status 2, which the man page documents."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"xenstored: {message} (see xenstored --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _log_level_arg(text: str) -> str:
+    try:
+        return log_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """cxenstored 4.17's options (getopt ``DE:F:HI::KNPS:t:A:M:Q:q:T:RVW:w:U``) plus ours."""
-    p = argparse.ArgumentParser(prog="xenstored", description="XenStore daemon", add_help=False)
-    p.add_argument("-H", "--help", action="help", help="show this help and exit")
+    """cxenstored 4.17's options (getopt ``DE:F:HI::KNPS:t:A:M:Q:q:T:RVW:w:U``) plus ours.
+
+    ``-h``/``--help``/``-H`` and ``--version`` act during parsing, so they print and exit before
+    anything touches the run directory."""
+    p = _Parser(prog="xenstored", description="XenStore daemon", add_help=False)
+    p.add_argument("-h", "-H", "--help", action="help", help="show this help and exit")
+    p.add_argument("--version", action="version", version=f"xenstored (Python) {__version__}")
     p.add_argument("-N", "--no-fork", action="store_true", help="stay in the foreground")
     p.add_argument("-F", "--pid-file", help="write and lock the daemon's pid file")
     p.add_argument("-P", "--output-pid", action="store_true", help="print the daemon's pid on stdout")
@@ -55,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default: none; see conf/xenstored.conf)")
     p.add_argument("--rundir", help="run directory (default $XENSTORED_RUNDIR or /run/xenstored)")
     p.add_argument("--emulate", action="store_true", default=None, help="emulated hypervisor (default: auto)")
-    p.add_argument("--log-level", help="debug, info, warning, error")
+    p.add_argument("--log-level", type=_log_level_arg, help="debug, info, warning, error")
     p.add_argument("--log-file", help="a file, syslog[:facility], or stderr")
     p.add_argument("--persistent", action="store_true", default=None, help="keep the store across restarts")
     p.add_argument("--persistent-file", help="where --persistent keeps it")
@@ -82,8 +105,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     """Defaults, then the config file, then the command line: the last word wins."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        print(f"xenstored: ignoring unknown arguments {' '.join(unknown)}", file=sys.stderr)
+    for word in unknown:
+        print(f"xenstored: warning: ignoring unknown argument {word}{_option_hint(parser, word)}", file=sys.stderr)
     cfg = Config()
     if args.config:
         try:
@@ -145,12 +168,77 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     return cfg, args
 
 
+def _option_hint(parser: argparse.ArgumentParser, word: str) -> str:
+    """`` (did you mean --rundir?)`` for an unknown long option close to a known one."""
+    if not word.startswith("--"):
+        return ""
+    name = word.partition("=")[0]
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _writable_dir_problem(path: str, what: str) -> str | None:
+    """Why ``path`` cannot serve as (or be created as) a directory we write in, or None; creates
+    it when missing.
+
+    Checked before anything else is created, so a daemon that cannot start leaves nothing
+    behind, and the message names the directory rather than the socket inside it."""
+    probe = path
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        if probe == path:
+            return f"{what} {path} exists and is not a directory"
+        return f"cannot create {what} {path}: {probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        if probe == path:
+            return f"{what} {path} is not writable by uid {os.geteuid()}"
+        return f"cannot create {what} {path}: {probe} is not writable by uid {os.geteuid()}"
+    if probe != path:
+        # Access bits do not tell everything (root, /proc, /sys): the kernel has the last word.
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            return f"cannot create {what} {path}: {e.strerror or e}"
+    return None
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse to start (one line, exit status 1) when the run directory or the socket's
+    directory cannot be written; SystemExit carries the message."""
+    problem = _writable_dir_problem(cfg.rundir, "run directory")
+    if problem is None and cfg.socket_path:
+        problem = _writable_dir_problem(os.path.dirname(cfg.socket_path) or ".", "socket directory")
+    if problem is not None:
+        raise SystemExit(f"xenstored: {problem}")
+
+
+def _start(cfg: Config, argv: list[str] | None) -> Service:
+    """Build the service and restore its state; every expected refusal becomes SystemExit with
+    one line saying why (the forked daemon hands that line to its parent)."""
+    try:
+        service = Service(cfg, argv)
+    except HypervisorError as e:
+        raise SystemExit(f"xenstored: {e}") from None
+    service.restore(cfg.live_update)
+    return service
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, args = config_from_args(argv)
     if args.check_live_update:
         return _check_live_update(args.check_live_update)
     cfg.foreground = args.no_fork
-    logs.setup(cfg, foreground=args.no_fork)
+    if not cfg.live_update:  # a live update inherits its socket: nothing to create
+        check_paths(cfg)
+    try:
+        logs.setup(cfg, foreground=args.no_fork)
+    except OSError as e:
+        raise SystemExit(f"xenstored: cannot open log file {cfg.log_file}: {e.strerror or e}") from None
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if not args.no_fork:
         return _daemonize(cfg, argv, args.output_pid)
@@ -158,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.output_pid:
         print(os.getpid(), flush=True)
-    service = Service(cfg, argv)
-    service.restore(cfg.live_update)
+    service = _start(cfg, argv)
     trio.run(service.run)
     return 0
 
@@ -183,7 +270,10 @@ _pid_fd: int | None = None  # held open for the daemon's life: the lock is the "
 def _lock_pid_file(path: str) -> bool:
     """Write our pid under an exclusive lock; False if another daemon holds it (C exits 0 then)."""
     global _pid_fd
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise SystemExit(f"xenstored: cannot open pid file {path}: {e.strerror or e}") from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -195,14 +285,29 @@ def _lock_pid_file(path: str) -> bool:
     return True
 
 
+def _failure_text(e: BaseException) -> str:
+    """One line for the parent to print: the SystemExit message, else the exception itself."""
+    if isinstance(e, SystemExit):
+        if isinstance(e.code, str):
+            return e.code
+        return f"xenstored: the daemon exited with status {e.code} before it was ready"
+    return f"xenstored: the daemon failed before it was ready: {type(e).__name__}: {e}"
+
+
 def _daemonize(cfg: Config, argv: list[str] | None, output_pid: bool) -> int:
-    """Double fork; the original process exits 0 once the daemon is ready, 1 if it died."""
+    """Double fork; the original process exits 0 once the daemon is ready, 1 if it died.
+
+    The pipe carries ``1<pid>`` when the daemon is ready, or ``0<why>`` when it gave up: the
+    daemon's stderr is not the caller's terminal for long, and an init script's operator must
+    see the reason (``another daemon is serving ...``) where they started it."""
     rfd, wfd = os.pipe()
     if os.fork():
         os.close(wfd)
         with os.fdopen(rfd, "rb") as r:
             ready = r.read()
         if not ready.startswith(b"1"):
+            why = ready[1:].decode(errors="replace").strip() if ready.startswith(b"0") else ""
+            print(why or "xenstored: the daemon died before it was ready", file=sys.stderr)
             return 1
         if output_pid:
             print(ready[1:].decode().strip(), flush=True)
@@ -212,9 +317,6 @@ def _daemonize(cfg: Config, argv: list[str] | None, output_pid: bool) -> int:
     if os.fork():
         os._exit(0)
     os.chdir("/")
-    if cfg.pid_file and not _lock_pid_file(cfg.pid_file):
-        os.write(wfd, b"1already running")
-        os._exit(0)
 
     def ready() -> None:
         os.write(wfd, f"1{os.getpid()}".encode())
@@ -225,8 +327,17 @@ def _daemonize(cfg: Config, argv: list[str] | None, output_pid: bool) -> int:
         os.close(devnull)
 
     try:
-        service = Service(cfg, argv)
-        service.restore(cfg.live_update)
+        try:
+            if cfg.pid_file and not _lock_pid_file(cfg.pid_file):
+                os.write(wfd, b"1already running")
+                os._exit(0)
+            service = _start(cfg, argv)
+        except BaseException as e:  # noqa: BLE001 - every reason goes to the parent
+            why = _failure_text(e)
+            if cfg.log_file != "stderr":  # else the parent's copy is the one the user sees
+                log.error("%s", why.removeprefix("xenstored: "))
+            os.write(wfd, b"0" + why.encode(errors="replace"))
+            os._exit(1)
         trio.run(service.run, ready)
     finally:
         os._exit(0)

@@ -23,24 +23,34 @@ Design, in short:
   That is sound because XenStore watches only say "something under here may have changed, re-read":
   the synthetic event tells the consumer to re-scan the whole watched subtree.
 
-Paths and tokens may be ``str`` or ``bytes``; values written may be ``str`` (UTF-8) or ``bytes``;
-values read are always ``bytes`` because XenStore values are binary.
+* Inside ``with c.transaction() as t:`` the data operations belong on ``t``.  Calling them on
+  the client instead would silently run them outside the transaction, so that raises
+  RuntimeError: always for :class:`SyncClient`; for :class:`Client` when the call comes from the
+  task that entered the transaction (other tasks may use the connection meanwhile: that is
+  pipelining, and their requests rightly run outside it).  :meth:`Client.request_raw` is not
+  checked.
+
+Paths and tokens may be ``str`` or ``bytes``; values written may be ``str`` (UTF-8) or ``bytes``
+(anything else, an ``int`` say, is a TypeError rather than ``bytes(5)``'s five NULs); values
+read are always ``bytes`` because XenStore values are binary.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import os
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Self, TypeVar
 
 import trio
 
-from .wire import ERRORS, HEADER, PAYLOAD_MAX, Op, Parser, ProtocolError, XsError
+from .wire import ERRORS, HEADER, PAYLOAD_MAX, Op, Parser, ProtocolError, XsError, op_name
 
 __all__ = [
     "Client",
@@ -74,7 +84,49 @@ def default_socket_path() -> str:
 
 
 def _b(value: Bytesish) -> bytes:
-    return value.encode() if isinstance(value, str) else bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    # bytes(5) would be five NUL bytes and bytes([..]) a surprise: refuse, say what was given.
+    raise TypeError(f"XenStore paths and values are str or bytes, not {type(value).__name__}")
+
+
+def _num(value: int, what: str = "domain id") -> bytes:
+    """A decimal argument (domain id, frame, port): an int >= 0, refused early otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"a {what} is an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"a {what} is >= 0, not {value}")
+    return b"%d\0" % value
+
+
+# The operations a transaction applies to: issued on the client while one of its transactions
+# is open (in the same task), they would silently run outside it.
+_TX_DATA_OPS = frozenset(
+    {Op.READ, Op.WRITE, Op.MKDIR, Op.RM, Op.DIRECTORY, Op.DIRECTORY_PART, Op.GET_PERMS, Op.SET_PERMS}
+)
+
+
+def _outside_transaction_error(op: int, tx_id: int) -> RuntimeError:
+    name = op_name(op)
+    return RuntimeError(
+        f"{name} called on the client inside 'with client.transaction() as t' (transaction "
+        f"{tx_id}) would run outside that transaction: call it on t, or use another client"
+    )
+
+
+def _connect_error(e: OSError, path: str) -> OSError:
+    """The same exception type, saying which socket and what probably is wrong."""
+    if isinstance(e, FileNotFoundError):
+        why = "no XenStore socket (is xenstored running? XENSTORED_PATH names another socket)"
+    elif isinstance(e, ConnectionRefusedError):
+        why = "nobody listens on this XenStore socket (xenstored is not running)"
+    elif isinstance(e, PermissionError):
+        why = "no permission to connect to the XenStore socket (it is mode 0600: run as its owner)"
+    else:
+        why = e.strerror or str(e)
+    return type(e)(e.errno or errno.EIO, why, path)
 
 
 def _arg(value: Bytesish) -> bytes:
@@ -319,6 +371,8 @@ class Client(_AsyncOps):
         self._watches: dict[str, list[WatchEvents]] = {}
         self._tokens = itertools.count(1)
         self._closed: BaseException | None = None
+        # task -> the transactions it has open through transaction(), innermost last
+        self._tx_tasks: dict[trio.lowlevel.Task, list[Transaction]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -333,7 +387,10 @@ class Client(_AsyncOps):
             raise RuntimeError("client already connected")
         stack = AsyncExitStack()
         try:
-            self._stream = await trio.open_unix_socket(self.path)
+            try:
+                self._stream = await trio.open_unix_socket(self.path)
+            except OSError as e:
+                raise _connect_error(e, self.path) from None
             stack.push_async_callback(self._stream.aclose)
             nursery = await stack.enter_async_context(trio.open_nursery())
             nursery.start_soon(self._reader)
@@ -411,7 +468,14 @@ class Client(_AsyncOps):
     # -- requests -------------------------------------------------------------------------
 
     async def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
-        """Send one raw request and return the reply payload; an ERROR reply raises XsError."""
+        """Send one raw request and return the reply payload; an ERROR reply raises XsError.
+
+        RuntimeError for a data operation outside any transaction from a task that is inside
+        ``async with client.transaction()`` (see the module docstring)."""
+        if self._tx_tasks and not tx_id and op in _TX_DATA_OPS:
+            txs = self._tx_tasks.get(trio.lowlevel.current_task())
+            if txs:
+                raise _outside_transaction_error(op, txs[-1].tx_id)
         msg_type, reply = await self.request_raw(op, payload, tx_id)
         if msg_type == Op.ERROR:
             raise _error(reply)
@@ -447,7 +511,30 @@ class Client(_AsyncOps):
 
     async def get_domain_path(self, domid: int) -> str:
         """The home path of a domain (``/local/domain/<domid>``)."""
-        return _text(await self.request(Op.GET_DOMAIN_PATH, _arg(str(domid))))
+        return _text(await self.request(Op.GET_DOMAIN_PATH, _num(domid)))
+
+    # -- domains (the toolstack's side; privileged connections only) ------------------------
+
+    async def introduce(self, domid: int, gfn: int, port: int) -> None:
+        """INTRODUCE: start serving ``domid``, whose xenstore page is at frame ``gfn`` and whose
+        unbound event channel is ``port``; ``@introduceDomain`` fires."""
+        await self.request(Op.INTRODUCE, _num(domid) + _num(gfn, "page frame") + _num(port, "port"))
+
+    async def release(self, domid: int) -> None:
+        """RELEASE: stop serving ``domid`` (its nodes stay); ``@releaseDomain`` fires."""
+        await self.request(Op.RELEASE, _num(domid))
+
+    async def resume(self, domid: int) -> None:
+        """RESUME: clear the domain's shutdown flag, so a later shutdown fires again."""
+        await self.request(Op.RESUME, _num(domid))
+
+    async def is_domain_introduced(self, domid: int) -> bool:
+        """Whether the daemon is serving ``domid`` (INTRODUCE'd, not yet released or dead)."""
+        return _text(await self.request(Op.IS_DOMAIN_INTRODUCED, _num(domid))) == "T"
+
+    async def set_target(self, domid: int, target: int) -> None:
+        """SET_TARGET: ``domid`` (a device model, say) gets ``target``'s rights."""
+        await self.request(Op.SET_TARGET, _num(domid) + _num(target, "target domain id"))
 
     async def control(self, *args: str) -> str:
         """A CONTROL (xenstore-control) command, e.g. ``control("check")``; returns the reply text."""
@@ -477,8 +564,16 @@ class Client(_AsyncOps):
         """
         tx_id = await self.transaction_start()
         t = Transaction(self, tx_id)
+        task = trio.lowlevel.current_task()
+        self._tx_tasks.setdefault(task, []).append(t)
         try:
-            yield t
+            try:
+                yield t
+            finally:
+                txs = self._tx_tasks[task]
+                txs.remove(t)
+                if not txs:
+                    del self._tx_tasks[task]
         except BaseException:
             if not self.closed:
                 with trio.CancelScope(shield=True):
@@ -572,9 +667,13 @@ class SyncClient:
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(self.path)
+        except OSError as e:
+            self._sock.close()
+            raise _connect_error(e, self.path) from None
         except BaseException:
             self._sock.close()
             raise
+        self._transactions: list[SyncTransaction] = []  # open through transaction(), innermost last
         self._parser = Parser()
         self._inbox: collections.deque[tuple[int, int, bytes]] = collections.deque()
         self._events: collections.deque[tuple[str, str]] = collections.deque()
@@ -602,7 +701,12 @@ class SyncClient:
                 self._inbox.append((msg.type, msg.req_id, msg.payload))
 
     def request(self, op: int, payload: bytes, tx_id: int = 0) -> bytes:
-        """Send one raw request and return the reply payload; an ERROR reply raises XsError."""
+        """Send one raw request and return the reply payload; an ERROR reply raises XsError.
+
+        RuntimeError for a data operation outside any transaction while this client is inside
+        ``with client.transaction()``: it would silently miss the transaction."""
+        if self._transactions and not tx_id and op in _TX_DATA_OPS:
+            raise _outside_transaction_error(op, self._transactions[-1].tx_id)
         _check_size(payload)
         rid = self._ids.take()
         self._sock.sendall(HEADER.pack(op, rid, tx_id, len(payload)) + payload)
@@ -649,7 +753,28 @@ class SyncClient:
         self.request(Op.SET_PERMS, _perms_payload(path, perms), tx_id)
 
     def get_domain_path(self, domid: int) -> str:
-        return _text(self.request(Op.GET_DOMAIN_PATH, _arg(str(domid))))
+        """The home path of a domain (``/local/domain/<domid>``)."""
+        return _text(self.request(Op.GET_DOMAIN_PATH, _num(domid)))
+
+    def introduce(self, domid: int, gfn: int, port: int) -> None:
+        """INTRODUCE ``domid`` (page frame ``gfn``, event channel ``port``); see Client.introduce."""
+        self.request(Op.INTRODUCE, _num(domid) + _num(gfn, "page frame") + _num(port, "port"))
+
+    def release(self, domid: int) -> None:
+        """RELEASE ``domid``: the daemon stops serving it; ``@releaseDomain`` fires."""
+        self.request(Op.RELEASE, _num(domid))
+
+    def resume(self, domid: int) -> None:
+        """RESUME ``domid``: clear its shutdown flag."""
+        self.request(Op.RESUME, _num(domid))
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        """Whether the daemon is serving ``domid``."""
+        return _text(self.request(Op.IS_DOMAIN_INTRODUCED, _num(domid))) == "T"
+
+    def set_target(self, domid: int, target: int) -> None:
+        """SET_TARGET: ``domid`` gets ``target``'s rights."""
+        self.request(Op.SET_TARGET, _num(domid) + _num(target, "target domain id"))
 
     def control(self, *args: str) -> str:
         if not args:
@@ -667,8 +792,12 @@ class SyncClient:
         """Commit on clean exit (EAGAIN raises XsError), abort if the body raises."""
         tx_id = self.transaction_start()
         t = SyncTransaction(self, tx_id)
+        self._transactions.append(t)
         try:
-            yield t
+            try:
+                yield t
+            finally:
+                self._transactions.remove(t)
         except BaseException:
             try:
                 self.transaction_end(tx_id, commit=False)
@@ -676,6 +805,30 @@ class SyncClient:
                 pass
             raise
         self.transaction_end(tx_id, commit=True)
+
+    def transact(
+        self,
+        fn: Callable[[SyncTransaction], T],
+        *,
+        attempts: int = DEFAULT_TRANSACT_ATTEMPTS,
+        backoff: float = 0.001,
+    ) -> T:
+        """Run ``fn(t)`` in a transaction and commit, re-running it on EAGAIN (as
+        :meth:`Client.transact`): ``fn`` must be safe to run more than once; after ``attempts``
+        conflicts the last EAGAIN is raised."""
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        for attempt in range(attempts):
+            try:
+                with self.transaction() as t:
+                    result = fn(t)
+            except XsError as e:
+                if e.name != "EAGAIN" or attempt == attempts - 1:
+                    raise
+                time.sleep(backoff * random.uniform(0.5, 1.5) * (attempt + 1))
+                continue
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def watch(self, path: Bytesish, token: Bytesish) -> None:
         """Register a watch; its events (the initial one first) come from :meth:`read_watch`."""
@@ -704,6 +857,9 @@ class SyncTransaction:
     def __init__(self, client: SyncClient, tx_id: int) -> None:
         self.client = client
         self.tx_id = tx_id
+
+    def __repr__(self) -> str:
+        return f"<SyncTransaction {self.tx_id}>"
 
     def read(self, path: Bytesish) -> bytes:
         return self.client.read(path, self.tx_id)

@@ -3,6 +3,7 @@ line (cli.py), and read by the core.  Kept free of I/O so tests can build a Core
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 from .quota import Quotas
@@ -71,26 +72,47 @@ class ConfigError(Exception):
     """A bad config file line: names the file, the line and the key."""
 
 
+# What a value must look like, said in words: these messages reach operators verbatim (with the
+# file, line and key in front), so none of them may be a Python exception text such as
+# "invalid literal for int() with base 10".
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _bool(text: str) -> bool:
     t = text.lower()
-    if t in ("true", "yes", "on", "1"):
+    if t in _TRUE:
         return True
-    if t in ("false", "no", "off", "0"):
+    if t in _FALSE:
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise ValueError(f"expected true or false (or yes/no, on/off, 1/0), got {text!r}")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
 
 
 def _uint(text: str) -> int:
-    value = int(text, 10)
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise ValueError(f"expected a number >= 0, got {text!r}")
+        raise ValueError(f"expected a whole number >= 0, got {text!r}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not 0 <= value < float("inf"):
-        raise ValueError(f"expected seconds >= 0, got {text!r}")
+        raise ValueError(f"expected a number of seconds >= 0, got {text!r}")
     return value
 
 
@@ -101,12 +123,30 @@ def _sync_policy(text: str) -> str:
 
 
 def _emulate(text: str) -> bool | None:
-    return None if text.lower() == "auto" else _bool(text)
+    t = text.lower()
+    if t == "auto":
+        return None
+    if t in _TRUE or t in _FALSE:
+        return _bool(t)
+    raise ValueError(f"expected true, false or auto, got {text!r}")
+
+
+def log_level(text: str) -> str:
+    """A log level name, checked: a typo would otherwise silently log at info."""
+    t = text.strip().lower()
+    if t == "warn":
+        t = "warning"
+    if t not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return t
 
 
 def _quota(name: str):
     def set_(cfg: Config, text: str) -> None:
-        cfg.quotas.set(name, _uint(text))
+        try:
+            cfg.quotas.set(name, _uint(text))
+        except XsError as e:  # out of range: say so without the protocol's error name
+            raise ValueError(e.detail or e.name) from None
 
     return set_
 
@@ -131,7 +171,7 @@ KEYS = {
     "priv-domid": _attr("priv_domid", _uint),
     "pid-file": _attr("pid_file", str),
     "emulate": _attr("emulate", _emulate),
-    "log-level": _attr("log_level", str),
+    "log-level": _attr("log_level", log_level),
     "log-file": _attr("log_file", str),
     "trace-file": _attr("trace_file", str),
     "keep-orphans": _attr("keep_orphans", _bool),
@@ -149,12 +189,12 @@ KEYS = {
     "access-log-file": _attr("access_log_file", str),
     "access-log-nb-files": _attr("access_log_files", _uint),
     "access-log-nb-lines": _attr("access_log_lines", _uint),
-    "access-log-nb-chars": _attr("access_log_chars", int),
+    "access-log-nb-chars": _attr("access_log_chars", _int),
     "access-log-read-ops": _attr("access_log_reads", _bool),
     "access-log-transactions-ops": _attr("access_log_transactions", _bool),
     "access-log-special-ops": _attr("access_log_special", _bool),
     "xenstored-log-file": _attr("log_file", str),
-    "xenstored-log-level": _attr("log_level", str),
+    "xenstored-log-level": _attr("log_level", log_level),
     "quota-activate": _quota_activate,
     **{f"quota-{n}": _quota(n) for n in Quotas.defaults().values},
     # oxenstored spellings.
@@ -188,15 +228,29 @@ IGNORED_KEYS = frozenset(
 )
 
 
+def nearest_key(key: str, known: list[str] | None = None) -> str | None:
+    """The known key ``key`` most likely is a typo of, if any looks close enough."""
+    candidates = known if known is not None else [*KEYS, *IGNORED_KEYS]
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
 def load_file(cfg: Config, path: str) -> list[str]:
-    """Apply ``key = value`` lines of ``path`` to ``cfg``; returns notes about ignored keys.
-    Raises ConfigError (file, line, key) on an unknown key or a bad value."""
+    """Apply ``key = value`` lines of ``path`` to ``cfg``; returns warnings (keys ignored, unknown
+    keys with the nearest known one), each naming the file and line.
+
+    Unknown keys are warnings, not errors, as in oxenstored: a config file written for another
+    version of the daemon must not keep the store from starting.  A bad *value* of a known key is
+    an error (ConfigError naming file, line and key): starting with a setting silently different
+    from what the operator wrote would be worse."""
     notes = []
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     for lineno, raw in enumerate(lines, 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -212,9 +266,12 @@ def load_file(cfg: Config, path: str) -> list[str]:
             continue
         setter = KEYS.get(key)
         if setter is None:
-            raise ConfigError(f"{path}:{lineno}: unknown key {key!r}")
+            near = nearest_key(key)
+            hint = f" (did you mean {near!r}?)" if near else ""
+            notes.append(f"{path}:{lineno}: warning: unknown key {key!r} ignored{hint}")
+            continue
         try:
             setter(cfg, value)
-        except (ValueError, XsError) as e:
+        except ValueError as e:
             raise ConfigError(f"{path}:{lineno}: bad value for {key!r}: {e}") from None
     return notes

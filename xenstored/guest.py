@@ -58,19 +58,71 @@ def default_fakexen_dir() -> str:
     raise RuntimeError("set FAKEXEN_DIR (or pass fakexen_dir) to find the emulated hypervisor")
 
 
-def control(command: str, fakexen_dir: str | None = None, timeout: float = 5.0) -> str:
-    """Send one fake-hypervisor command and return its ``ok ...``/``err ...`` reply."""
-    fx = fakexen_dir or default_fakexen_dir()
+def ask(command: str, fakexen_dir: str, timeout: float = 5.0) -> str:
+    """Send one command to the running emulated hypervisor and return its reply; raises
+    FileNotFoundError or ConnectionRefusedError when no daemon serves ``fakexen_dir``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("")  # autobind, so the hypervisor has an address to answer to
         s.settimeout(timeout)
-        try:
-            s.sendto(command.encode(), os.path.join(fx, "evtchn.sock"))
-        except (FileNotFoundError, ConnectionRefusedError):
-            # No daemon serves the emulated hypervisor (it died, or has not started): domains
-            # are the hypervisor's, not the daemon's, so change the table it left behind.
-            return fxtable.apply_offline(fx, command)
+        s.sendto(command.encode(), os.path.join(fakexen_dir, "evtchn.sock"))
         return s.recv(512).decode(errors="replace")
+
+
+def control(command: str, fakexen_dir: str | None = None, timeout: float = 5.0) -> str:
+    """Send one fake-hypervisor command and return its ``ok ...``/``err ...`` reply."""
+    fx = fakexen_dir or default_fakexen_dir()
+    try:
+        return ask(command, fx, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        # No daemon serves the emulated hypervisor (it died, or has not started): domains
+        # are the hypervisor's, not the daemon's, so change the table it left behind.
+        return fxtable.apply_offline(fx, command)
+
+
+def default_port(domid: int, fakexen_dir: str) -> int:
+    """The event channel port a guest kicks: 1, or for dom0 the one in ``xsd_port``."""
+    if domid != 0:
+        return 1
+    try:
+        with open(os.path.join(fakexen_dir, "xsd_port")) as f:
+            return int(f.read().strip() or "1", 0)
+    except (FileNotFoundError, ValueError):
+        return 1
+
+
+def unserved_reason(domid: int, fakexen_dir: str, port: int | None = None, timeout: float = 2.0) -> str | None:
+    """Why nobody will answer ``domid``'s requests, when that is knowable at once: no emulated
+    hypervisor at ``fakexen_dir``, or the domain not introduced; else None (served, or no way to
+    know, e.g. the hypervisor does not answer in time).
+
+    INTRODUCE makes the daemon bind an event channel to the guest's port, and the hypervisor
+    answers a kick from a named sender with ``ok notify <p>`` or ``err no binding for dom<N>``
+    (ours and the oracle's fakexen alike): one datagram round trip says at once what would
+    otherwise be a timeout.  The probe is a real kick, which costs the daemon a look at the ring.
+    """
+    if port is None:
+        port = default_port(domid, fakexen_dir)
+    try:
+        reply = ask(f"notify {domid} {port}", fakexen_dir, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock = os.path.join(fakexen_dir, "evtchn.sock")
+        return f"no emulated hypervisor answers at {sock} (is xenstored running, with this FAKEXEN_DIR?)"
+    except OSError:
+        return None  # no answer in time: the caller's own request says what happens next
+    if not reply.startswith("err no binding"):
+        return None
+    try:
+        known = ask(f"exists {domid}", fakexen_dir, timeout)
+    except OSError:
+        known = ""
+    if known == "ok 0":
+        detail = f"the hypervisor has no dom{domid}: create it (xenstore-guest {domid} create), then introduce it"
+    else:
+        detail = (
+            f"xenstored has no event channel bound to dom{domid} port {port}: the toolstack must "
+            f"introduce it first (SyncClient().introduce({domid}, 0, {port}))"
+        )
+    return f"domain {domid} is not introduced (or not created): {detail}"
 
 
 def _check(reply: str) -> str:
@@ -109,7 +161,7 @@ class Guest:
         if create:
             _check(control(f"create {domid}", self.dir, timeout))
         if port is None:
-            port = self._dom0_port() if domid == 0 else 1
+            port = default_port(domid, self.dir)
         self.port = port
         self._daemon = os.path.join(self.dir, "evtchn.sock")
         self._kick_msg = b"notify %d %d" % (domid, port)
@@ -140,13 +192,6 @@ class Guest:
         self.events: collections.deque[tuple[str, str]] = collections.deque()
         self._req_ids = itertools.count(1)
 
-    def _dom0_port(self) -> int:
-        try:
-            with open(os.path.join(self.dir, "xsd_port")) as f:
-                return int(f.read().strip() or "1", 0)
-        except (FileNotFoundError, ValueError):
-            return 1
-
     # -- low level -----------------------------------------------------------------------------
 
     def kick(self) -> None:
@@ -169,7 +214,11 @@ class Guest:
     def _wait(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"dom{self.domid}: no progress on the ring (indexes {self.ring.indexes()})")
+            why = unserved_reason(self.domid, self.dir, self.port, timeout=1.0)
+            raise TimeoutError(
+                f"dom{self.domid}: no progress on the ring (indexes {self.ring.indexes()})"
+                + (f"; {why}" if why else "")
+            )
         # Wake up now and then even without a kick: polling the ring is always allowed.
         r, _, _ = select.select([self._ev], [], [], min(remaining, 0.25))
         if r:
@@ -332,6 +381,10 @@ class Guest:
     def domain_exists(self) -> bool:
         return _check(self.control(f"exists {self.domid}")) == "ok 1"
 
+    def unserved_reason(self) -> str | None:
+        """See :func:`unserved_reason`: why nobody will answer us, if knowable at once."""
+        return unserved_reason(self.domid, self.dir, self.port, min(self.timeout, 2.0))
+
     def close(self) -> None:
         self._ev.close()
         self._kick.close()
@@ -353,6 +406,7 @@ class Guest:
 
 _TX_ARITY = {"read": 1, "write": 2, "rm": 1, "mkdir": 1, "ls": 1}
 _CONTROL_OPS = {"create", "destroy", "shutdown", "crash", "dying", "exists-domain"}
+_RING_OPS = {"read", "write", "ls", "list", "rm", "mkdir", "exists", "chmod", "perms", "domain-path", "tx", "watch"}
 
 
 def _run_tx(g: Guest, args: list[str], out: list[str]) -> None:
@@ -441,10 +495,32 @@ def _watch(g: Guest, args: list[str], timeout: float | None) -> None:
         seen += 1
 
 
+OPERATIONS = """\
+operations (paths are relative to /local/domain/DOMID unless they start with /):
+  read PATH...                  print each value
+  write PATH VALUE [PATH VALUE]...
+  ls [PATH]                     children, one a line (default: the domain's home)
+  rm PATH...    mkdir PATH...   exists PATH... (exit status 1 if one is missing)
+  chmod PATH PERM...            e.g. chmod data n5 r0
+  perms PATH                    print the permission list
+  watch [-n COUNT] PATH [TOKEN] print events until COUNT (default: forever)
+  domain-path                   print /local/domain/DOMID
+  tx OP ARGS [OP ARGS]...       one transaction, retried on EAGAIN (read P, write P V,
+                                rm P, mkdir P, ls P)
+emulated hypervisor (commands to $FAKEXEN_DIR/evtchn.sock, no ring involved):
+  create | destroy | shutdown [REASON] | crash | dying | exists-domain
+
+The domain must have been created and introduced (INTRODUCE, by the toolstack over the
+socket) before ring operations get answers; if it was not, that is said at once.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="xenstore-guest",
         description="Talk to xenstored as emulated guest DOMID over its ring page.",
+        epilog=OPERATIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--fakexen-dir", default=None, help="emulated hypervisor state (default $FAKEXEN_DIR)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds to wait for each reply (default 10)")
@@ -452,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--port", type=int, default=None, help="our event channel port (default 1, dom0: xsd_port)"
     )
     ap.add_argument("domid", type=int)
-    ap.add_argument("op")
+    ap.add_argument("op", help="one of the operations below")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     try:
@@ -464,6 +540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(reply, file=sys.stderr)
                 return 1
             return 0
+        if a.op not in _RING_OPS:
+            raise SystemExit(f"xenstore-guest: unknown operation {a.op!r} (see xenstore-guest --help)")
+        # Before attaching (which creates dom<N>.ring): a domain nobody serves is said at once,
+        # not after the reply timeout, and leaves no ring file behind.
+        why = unserved_reason(a.domid, fx, a.port)
+        if why is not None:
+            print(f"xenstore-guest: {why}", file=sys.stderr)
+            return 1
         out: list[str] = []
         with Guest(a.domid, fx, port=a.port, timeout=a.timeout or 10.0) as g:
             if a.op == "watch":

@@ -66,7 +66,17 @@ class Service:
                 self._listen_sock = make_listening_socket(cfg.socket, listen=False)
             except OSError as e:
                 raise SystemExit(f"xenstored: cannot listen on {cfg.socket}: {e.strerror or e}") from None
-        self.hv = hypervisor.choose(cfg.emulate, cfg.rundir)
+        try:
+            self.hv = hypervisor.choose(cfg.emulate, cfg.rundir)
+        except BaseException:
+            # The socket is ours (bound, not listening): leave no stale one behind.
+            if self._listen_sock is not None:
+                self._listen_sock.close()
+                try:
+                    os.unlink(cfg.socket)
+                except OSError:
+                    pass
+            raise
         self.manager = DomainManager(self.core, self.hv)
         self.pump = RingPump(self.manager)
         self.core.live_update = self.live_update_command

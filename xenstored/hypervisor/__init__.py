@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from .base import DomainInfo, Hypervisor
+from .base import DomainInfo, Hypervisor, HypervisorError
 
-__all__ = ["DomainInfo", "Hypervisor", "choose", "fakexen_dir"]
+__all__ = ["DomainInfo", "Hypervisor", "HypervisorError", "choose", "fakexen_dir"]
 
 EVTCHN_DEVICE = "/dev/xen/evtchn"
 

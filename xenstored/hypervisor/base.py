@@ -29,6 +29,12 @@ SHUTDOWN_SOFT_RESET = 5
 VIRQ_DOM_EXC = 3
 
 
+class HypervisorError(RuntimeError):
+    """The backend cannot be used (folder locked by another daemon, Xen library missing, device
+    not openable).  The message is meant for the operator as is: it says what is wrong, where,
+    and what to do; the daemon prints it and exits with status 1."""
+
+
 @dataclass(slots=True, frozen=True)
 class DomainInfo:
     """A domain's state as xenstored cares about it (subset of xc_dominfo_t).

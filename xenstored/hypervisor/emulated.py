@@ -23,6 +23,16 @@ State directory (``$FAKEXEN_DIR``, default ``<rundir>/fx``):
     ``destroy 5`` can immediately observe the cleanup.  Kicks coalesce per port.
 ``dom<N>.evtchn``
     optional guest socket; notifying a port bound to domain N sends ``notify <remote_port>`` there.
+``xenstored.lock``
+    held (``flock``) by the daemon serving this folder, and holding its pid: a second daemon
+    pointed at the same folder would steal ``evtchn.sock`` and delete it on exit, so it refuses
+    to start instead, naming the holder.
+
+Ring files go with their domain: ``destroy <N>`` removes ``dom<N>.ring`` (a later ``create <N>``
+must not find the dead domain's indexes in it), and a clean stop removes those of domains the
+table does not hold (a guest that attached to a domain never created, one destroyed offline).
+The rings of existing domains stay: the table outlives the daemon, as a real hypervisor's does,
+and a restarted daemon (journal, persistence) serves those pages again.
 
 Why not the real text parsing of C (strtol): we accept what ``int(x, 0)`` accepts; garbage gets an
 ``err ...`` reply instead of being read as 0.
@@ -31,10 +41,12 @@ Why not the real text parsing of C (strtol): we accept what ``int(x, 0)`` accept
 from __future__ import annotations
 
 import errno
+import fcntl
 import inspect
 import logging
 import mmap
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -47,6 +59,7 @@ from .base import (
     DomainInfo,
     DomExcCallback,
     Hypervisor,
+    HypervisorError,
     PortCallback,
 )
 
@@ -57,6 +70,8 @@ MAX_DOMID = 0x7FF0  # DOMID_FIRST_RESERVED
 MAX_PORT = 4096
 DGRAM_MAX = 512  # commands are short; anything longer is garbage anyway
 BATCH = 256  # datagrams drained per wakeup before yielding, as fakexen does
+LOCK_FILE = "xenstored.lock"
+_RING_FILE = re.compile(r"dom([0-9]+)\.ring")
 
 _EXISTS = 0x01
 _DYING = 0x02
@@ -136,7 +151,13 @@ class EmulatedHypervisor(Hypervisor):
         xsd_port: str | None = None,
     ) -> None:
         self.dir = Path(fx_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HypervisorError(
+                f"cannot create the emulated hypervisor's folder {self.dir}: {e.strerror or e}"
+            ) from None
+        self._lock_fd = self._lock()
         if domains is None:
             domains = os.environ.get("FAKEXEN_DOMAINS")
         self._xsd_port_text = xsd_port or os.environ.get("FAKEXEN_XSD_PORT") or "1"
@@ -174,9 +195,35 @@ class EmulatedHypervisor(Hypervisor):
             pass
         try:
             self._sock.bind(self.sock_path)
-        except OSError:
+        except OSError as e:
             self._sock.close()
-            raise
+            os.close(self._lock_fd)
+            raise HypervisorError(f"cannot bind {self.sock_path}: {e.strerror or e}") from None
+
+    def _lock(self) -> int:
+        """Take the folder's lock (flock, so it dies with the process, and O_CLOEXEC, so a live
+        update's exec hands it to the new binary, which takes it again); write our pid in it."""
+        path = self.dir / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise HypervisorError(f"cannot open {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            except OSError:
+                holder = ""
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise HypervisorError(
+                f"the emulated hypervisor in {self.dir} is in use by another xenstored{who}; "
+                "stop that one, or give this one its own folder (FAKEXEN_DIR or --rundir)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     # -- domains -------------------------------------------------------------------------------
 
@@ -230,11 +277,17 @@ class EmulatedHypervisor(Hypervisor):
         self._save_table()
 
     def destroy_domain(self, domid: int) -> None:
+        """Forget the domain and remove its ring file: its page dies with it (a mapping still
+        held by the core or a guest process stays valid until unmapped)."""
         if domid == 0:
             raise ValueError("cannot destroy dom0")
         self._flags.pop(domid, None)
         self._reason.pop(domid, None)
         self._save_table()
+        try:
+            os.unlink(self.ring_path(domid))
+        except OSError:
+            pass
 
     # -- rings ---------------------------------------------------------------------------------
 
@@ -482,3 +535,21 @@ class EmulatedHypervisor(Hypervisor):
                 os.unlink(self.sock_path)
             except OSError:
                 pass
+            self._remove_ring_files()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # last: the folder is clean before another daemon may take it
+            self._lock_fd = -1
+
+    def _remove_ring_files(self) -> None:
+        """Pages of domains that do not exist: nobody will map them again."""
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for name in names:
+            m = _RING_FILE.fullmatch(name)
+            if m and self.domain_info(int(m.group(1))) is None:
+                try:
+                    os.unlink(self.dir / name)
+                except OSError:
+                    pass

@@ -9,7 +9,8 @@ logic lives in the core and is exercised by the emulated backend.  Every ABI num
 * guest pages: grant reference 1 (GNTTAB_RESERVED_XENSTORE) through ``/dev/xen/gntdev``, mmap'ed
   at the offset the MAP_GRANT_REF ioctl returns (the gfn is ignored, as by C xenstored);
 * the store domain's own page: ``/proc/xen/xsd_kva`` and ``/proc/xen/xsd_port``;
-* domain state: ``xc_domain_getinfolist`` from libxenctrl, loaded on first use.
+* domain state: ``xc_domain_getinfolist`` from libxenctrl, looked up once at start (see
+  :func:`load_library`); without it the daemon refuses to start and names the package.
 """
 
 from __future__ import annotations
@@ -22,15 +23,81 @@ import fcntl
 import inspect
 import mmap
 import os
+from collections.abc import Callable
 
 import trio
 
 from ..wire import ERRORS, XsError
 from . import xen_abi as abi
-from .base import SHUTDOWN_CRASH, DomainInfo, DomExcCallback, Hypervisor, PortCallback
+from .base import SHUTDOWN_CRASH, DomainInfo, DomExcCallback, Hypervisor, HypervisorError, PortCallback
 
 PAGE_SIZE = 4096
 STORE_DOMID = 0  # the domain whose page is /proc/xen/xsd_kva (C: xenbus_master_domid(), default 0)
+
+
+# Xen's tool libraries carry the Xen version in their soname (libxenctrl.so.4.17 on Debian 12);
+# the unversioned libxenctrl.so exists only with the -dev package, and find_library needs
+# ldconfig or gcc to find the rest.  So after find_library, try the names the 4.x releases that
+# Debian and upstream ship use, newest first.
+XEN_VERSIONS = tuple(f"4.{minor}" for minor in range(21, 10, -1))
+# Where each library comes from, for the refusal message.
+PACKAGES = {
+    "xenctrl": "the libxenmisc package of your Xen version (Debian 12: libxenmisc4.17)",
+}
+
+Loader = Callable[[str], ctypes.CDLL]
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+def _cdll(name: str) -> ctypes.CDLL:
+    return ctypes.CDLL(name, use_errno=True)
+
+
+def _find_library(name: str, find: Callable[[str], str | None]) -> str | None:
+    """ctypes.util.find_library, which must never stop the start: it runs ldconfig and gcc,
+    and raises without a writable temporary directory (FileNotFoundError) among others."""
+    try:
+        return find(name)
+    except Exception:  # noqa: BLE001 - whatever it raises, fall back to the known sonames
+        return None
+
+
+def library_candidates(name: str, found: str | None = None) -> list[str]:
+    """The names to try for ``lib<name>``, in order: find_library's answer, the unversioned
+    name, then ``lib<name>.so.4.21`` down to ``.so.4.11``."""
+    names = [found] if found else []
+    names += [f"lib{name}.so", *(f"lib{name}.so.{v}" for v in XEN_VERSIONS)]
+    return list(dict.fromkeys(names))
+
+
+def load_library(
+    name: str,
+    *,
+    loader: Loader = _cdll,
+    find: Callable[[str], str | None] = ctypes.util.find_library,
+) -> ctypes.CDLL:
+    """``lib<name>`` loaded with ctypes, once per process; HypervisorError naming the library
+    and the package to install when no candidate loads."""
+    lib = _loaded.get(name)
+    if lib is not None:
+        return lib
+    names = library_candidates(name, _find_library(name, find))
+    failures: list[str] = []
+    for candidate in names:
+        try:
+            lib = loader(candidate)
+        except OSError as e:
+            text = str(e)
+            if not text.startswith(f"{candidate}:"):
+                failures.append(text)  # found, but it does not load (a missing dependency, say)
+            continue
+        _loaded[name] = lib
+        return lib
+    package = PACKAGES.get(name, f"the package that provides lib{name}")
+    why = f" ({'; '.join(failures)})" if failures else ""
+    raise HypervisorError(
+        f"cannot load Xen's library lib{name}: tried {', '.join(names)}{why}; install {package}"
+    )
 
 
 def _xs_error(e: OSError, what: str) -> XsError:
@@ -69,11 +136,9 @@ def _mmap_page(fd: int) -> memoryview:
 
 
 class _XenCtrl:
-    """Lazy ctypes binding of the two libxenctrl calls we need."""
+    """ctypes binding of the libxenctrl calls we need (the handle is opened on first use)."""
 
-    def __init__(self) -> None:
-        name = ctypes.util.find_library("xenctrl") or "libxenctrl.so"
-        lib = ctypes.CDLL(name, use_errno=True)
+    def __init__(self, lib: ctypes.CDLL) -> None:
         lib.xc_interface_open.restype = ctypes.c_void_p
         lib.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
         lib.xc_interface_close.argtypes = [ctypes.c_void_p]
@@ -113,9 +178,22 @@ class XenHypervisor(Hypervisor):
     emulated = False
 
     def __init__(
-        self, evtchn_device: str = abi.EVTCHN_DEVICE, gntdev_device: str = abi.GNTDEV_DEVICE
+        self,
+        evtchn_device: str = abi.EVTCHN_DEVICE,
+        gntdev_device: str = abi.GNTDEV_DEVICE,
+        *,
+        loader: Loader = _cdll,
     ) -> None:
-        self._fd = os.open(evtchn_device, os.O_RDWR | os.O_CLOEXEC)
+        # The library first: a missing package is the likelier and the more fixable problem,
+        # and it must stop the start rather than the first domain event.
+        self._libxenctrl = load_library("xenctrl", loader=loader)
+        try:
+            self._fd = os.open(evtchn_device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise HypervisorError(
+                f"cannot open {evtchn_device}: {e.strerror or e} (run as root in the Xen dom0, "
+                "or use --emulate to serve emulated domains)"
+            ) from None
         os.set_blocking(self._fd, False)
         self._gntdev_path = gntdev_device
         self._gntdev: int | None = None
@@ -133,7 +211,7 @@ class XenHypervisor(Hypervisor):
     @property
     def xc(self) -> _XenCtrl:
         if self._xc is None:
-            self._xc = _XenCtrl()
+            self._xc = _XenCtrl(self._libxenctrl)
         return self._xc
 
     def domain_info(self, domid: int) -> DomainInfo | None:
