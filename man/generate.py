@@ -277,7 +277,7 @@ XENSTORED_OPTIONS = {
     "journal_dir": "Where the write-ahead journal lives (see B<RECOVERY>). Default I<RUNDIR>/journal.",
     "journal_sync": (
         "When the journal is synced to its disk: B<always> (each batch, before its replies), "
-        "B<batch> (every 0.1 s, the default) or B<none>. On a tmpfs the three are the same."
+        "B<batch> (every 0.1 s) or B<none> (the default: a crash needs no sync). On a tmpfs the three are the same."
     ),
     "check_live_update": (
         "Only check that this binary starts and can read the state stream I<FILE>, then exit "
@@ -557,7 +557,8 @@ KEY_DOCS = {
     "B<xenstored>(8), RECOVERY). Off when B<persistent> is on.",
     "journal-dir": "Where the journal lives. Default I<RUNDIR>/journal.",
     "journal-sync": "B<always>: fdatasync each batch before its replies (survives a power loss "
-    "on a disk directory); B<batch>: every 0.1 s; B<none>: never.",
+    "on a disk directory); B<batch>: every 0.1 s; B<none> (default): never, which a crash does "
+    "not need.",
     "journal-snapshot-bytes": "Compact the journal (a snapshot and a new file) once it is this large.",
     "watch-event-timeout": "Seconds an unprivileged domain's unread watch event is kept before "
     "it is dropped (B<-w watch-event=>).",

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persistent-file", help="where --persistent keeps it")
     p.add_argument("--persistent-interval", type=float, help="seconds between snapshots (0: at stop only)")
     p.add_argument("--journal-dir", help="where the write-ahead journal lives (default <rundir>/journal)")
-    p.add_argument("--journal-sync", choices=("always", "batch", "none"), help="fdatasync policy (default batch)")
+    p.add_argument("--journal-sync", choices=("always", "batch", "none"), help="fdatasync policy (default none)")
     p.add_argument("--no-journal", action="store_true", help="no journal: a crash loses the store, as with C")
     p.add_argument(
         "--check-live-update",

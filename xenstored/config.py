@@ -43,7 +43,7 @@ class Config:
     # not the host, which is XenStore's lifetime.  Off with --persistent (its snapshots replace it).
     journal: bool = True
     journal_dir: str | None = None
-    journal_sync: str = "batch"  # always | batch | none
+    journal_sync: str = "none"  # always | batch | none
     journal_snapshot_bytes: int = 16 << 20  # compact once the journal is this large
     live_update: bool = False  # -U: restore from <rundir>/state_dump
     foreground: bool = True  # -N (a live update keeps the log destination of a forked daemon)

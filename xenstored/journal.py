@@ -54,8 +54,14 @@ from .watches import Watch
 
 log = logging.getLogger("xenstored.journal")
 
-MAGIC = b"XSJOURNAL1\n"
-_REC = struct.Struct("<IIB")  # payload length, CRC-32 of (kind + payload), kind
+MAGIC = b"XSJOURNAL2\n"
+# A file is MAGIC and frames; a frame is one group commit (or a slice of a snapshot): its length
+# and CRC-32, then records.  A frame torn by a crash fails its CRC and is dropped whole, so a
+# batch of requests is recovered entirely or not at all, never half.
+_FRAME = struct.Struct("<II")  # body length, CRC-32 of the body
+_REC = struct.Struct("<BI")  # kind, payload length
+_NODE_REC = struct.Struct("<BIHIH")  # _REC and _NODE in one pack: the record written most
+SNAPSHOT_FRAME = 1 << 16  # bytes of records per frame in a snapshot
 _NODE = struct.Struct("<HIH")  # path length, value length, permission count
 _PERM = struct.Struct("<IB")  # domid, access | 0x80 when the entry is stale (XSA-322)
 _RING = struct.Struct("<II")  # domid, stream position
@@ -68,6 +74,7 @@ RING_OUTQ = 5  # a ring's whole pending output from a position (replaces what ca
 RING_IN = 6  # how far a ring's input was consumed, and the partial request read so far
 
 SYNC_POLICIES = ("always", "batch", "none")
+DEFAULT_SYNC = "none"  # a crash needs no sync (the page cache keeps what was copied); a tmpfs has none
 WINDOW = 1 << 20  # journal file space reserved and mapped at a time
 _MASK = 0xFFFFFFFF
 _FILE = re.compile(r"^(snapshot|journal)\.(\d+)$")
@@ -87,12 +94,31 @@ def _perms_from(data: bytes, off: int, count: int) -> Perms:
 
 
 def _record(kind: int, payload: bytes) -> bytes:
-    return _REC.pack(len(payload), zlib.crc32(payload, kind), kind) + payload
+    return _REC.pack(kind, len(payload)) + payload
 
 
 def node_record(path: str, value: bytes, perms: Perms) -> bytes:
     p = path.encode("ascii")
-    return _record(NODE, _NODE.pack(len(p), len(value), len(perms)) + p + value + _perm_bytes(perms))
+    pb = _perm_bytes(perms)
+    return _NODE_REC.pack(NODE, _NODE.size + len(p) + len(value) + len(pb), len(p), len(value), len(perms)) + p + value + pb
+
+
+def frame(body: bytes) -> bytes:
+    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def frames(records: Iterable[bytes]) -> Iterator[bytes]:
+    """Records grouped into frames of about SNAPSHOT_FRAME bytes (a snapshot's file)."""
+    chunk: list[bytes] = []
+    size = 0
+    for r in records:
+        chunk.append(r)
+        size += len(r)
+        if size >= SNAPSHOT_FRAME:
+            yield frame(b"".join(chunk))
+            chunk, size = [], 0
+    if chunk:
+        yield frame(b"".join(chunk))
 
 
 def meta_record(obj: dict[str, object]) -> bytes:
@@ -106,24 +132,11 @@ def ring_record(kind: int, domid: int, pos: int, data: bytes) -> bytes:
 def read_records(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     """The records of one file, and how many bytes at its end were torn (0 if none; the zeros
     of space reserved but not yet written are not a tear)."""
-    if not data.startswith(MAGIC):
-        return [], len(data)
-    out = []
-    off = len(MAGIC)
-    end = len(data)
-    while off + _REC.size <= end:
-        length, crc, kind = _REC.unpack_from(data, off)
-        if not NODE <= kind <= RING_IN:
-            break
-        start = off + _REC.size
-        if start + length > end:
-            break
-        payload = data[start : start + length]
-        if zlib.crc32(payload, kind) != crc:
-            break
-        out.append((kind, payload))
-        off = start + length
-    return out, 0 if not data[off:].strip(b"\0") else end - off
+    out: list[tuple[int, bytes]] = []
+    rec = Recovered()
+    rec.apply = lambda kind, payload: out.append((kind, payload))  # type: ignore[method-assign]
+    torn = _replay(data, rec, raw=True)
+    return out, torn
 
 
 # ----------------------------------------------------------------------------- recovered state
@@ -228,37 +241,41 @@ def read_state(directory: str) -> Recovered | None:
     return rec
 
 
-def _replay(data: bytes, rec: Recovered) -> int:
-    """read_records and Recovered.apply in one pass, with node records (nearly all of a
-    snapshot) decoded inline and each distinct permission list decoded once.  Returns the torn
-    bytes at the end, as read_records does."""
+def _replay(data: bytes, rec: Recovered, *, raw: bool = False) -> int:
+    """Apply every record of a file, frame by frame, with node records (nearly all of a
+    snapshot) decoded inline and each distinct permission list decoded once (``raw``: hand
+    every record to ``rec.apply``).  Returns the bytes at the end that are no whole frame."""
     if not data.startswith(MAGIC):
         return len(data)
     nodes, perm_cache, apply = rec.nodes, rec.perm_cache, rec.apply
-    rec_unpack, node_unpack, crc32 = _REC.unpack_from, _NODE.unpack_from, zlib.crc32
-    rec_size, head = _REC.size, _NODE.size
+    frame_unpack, rec_unpack, node_unpack, crc32 = _FRAME.unpack_from, _REC.unpack_from, _NODE.unpack_from, zlib.crc32
+    frame_size, rec_size, head = _FRAME.size, _REC.size, _NODE.size
     off, end, count = len(MAGIC), len(data), 0
-    while off + rec_size <= end:
-        length, crc, kind = rec_unpack(data, off)
-        start = off + rec_size
-        if not NODE <= kind <= RING_IN or start + length > end:
+    while off + frame_size <= end:
+        length, crc = frame_unpack(data, off)
+        body_start = off + frame_size
+        body_end = body_start + length
+        if not length or body_end > end or crc32(data[body_start:body_end]) != crc:
             break
-        payload = data[start : start + length]
-        if crc32(payload, kind) != crc:
-            break
-        off = start + length
-        if kind == NODE:
-            plen, vlen, nperms = node_unpack(payload)
-            vstart = head + plen
-            pstart = vstart + vlen
-            pb = payload[pstart:]
-            node_perms = perm_cache.get(pb)
-            if node_perms is None:
-                node_perms = perm_cache[pb] = _perms_from(payload, pstart, nperms)
-            nodes[payload[head:vstart].decode("ascii")] = (payload[vstart:pstart], node_perms)
-            count += 1
-        else:
-            apply(kind, payload)
+        off = body_end
+        pos = body_start
+        while pos < body_end:
+            kind, plen_total = rec_unpack(data, pos)
+            start = pos + rec_size
+            pos = start + plen_total
+            if kind == NODE and not raw:
+                plen, vlen, nperms = node_unpack(data, start)
+                pstart = start + head
+                vstart = pstart + plen
+                permstart = vstart + vlen
+                pb = data[permstart:pos]
+                node_perms = perm_cache.get(pb)
+                if node_perms is None:
+                    node_perms = perm_cache[pb] = _perms_from(pb, 0, nperms)
+                nodes[data[pstart:vstart].decode("ascii")] = (data[vstart:permstart], node_perms)
+                count += 1
+            else:
+                apply(kind, data[start:pos])
     rec.records += count
     return 0 if not data[off:].strip(b"\0") else end - off
 
@@ -272,7 +289,7 @@ class Journal:
     """Appends records for one daemon; installed into the store (``Store.log``) and the daemon
     state (``Core.journal``), which call the hooks below as they change."""
 
-    def __init__(self, directory: str, *, sync: str = "batch", sync_interval: float = 0.1) -> None:
+    def __init__(self, directory: str, *, sync: str = DEFAULT_SYNC, sync_interval: float = 0.1) -> None:
         if sync not in SYNC_POLICIES:
             raise ValueError(f"journal sync policy must be one of {', '.join(SYNC_POLICIES)}")
         self.dir = directory
@@ -401,8 +418,10 @@ class Journal:
                 self._perm_cache.clear()
             pb = self._perm_cache[perms] = _perm_bytes(perms)
         p = path.encode("ascii")
-        payload = _NODE.pack(len(p), len(value), len(perms)) + p + value + pb
-        self._buf.append(_REC.pack(len(payload), zlib.crc32(payload, NODE), NODE) + payload)
+        self._buf.append(
+            _NODE_REC.pack(NODE, _NODE.size + len(p) + len(value) + len(pb), len(p), len(value), len(perms))
+            + p + value + pb
+        )
         self.dirty = True
 
     def removed(self, path: str) -> None:
@@ -499,8 +518,9 @@ class Journal:
         buf = self._buf
         if not buf:
             return
-        data = b"".join(buf)
+        body = b"".join(buf)
         buf.clear()
+        data = _FRAME.pack(len(body), zlib.crc32(body)) + body
         if self.failed is not None or self._map is None:
             return  # the journal is behind: the next snapshot writes the whole state instead
         try:
@@ -553,9 +573,9 @@ class Journal:
         size = 0
         with open(tmp, "wb") as f:
             f.write(MAGIC)
-            for r in records:
-                f.write(r)
-                size += len(r)
+            for chunk in frames(records):
+                f.write(chunk)
+                size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
