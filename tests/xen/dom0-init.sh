@@ -341,8 +341,8 @@ detach() {
     closed=$(grep -c "backend $BE/$kind/$D/$devid/state wanted state 6 ok" /tmp/xl-$st.log)
     forced=$(grep -c "forced remove\|timed out" /tmp/xl-$st.log)
     wait_gone 5 $BE/$kind/$D/$devid $dp/device/$kind/$devid; gone=$?
-    if [ "$kind" = vbd ]; then gtest='! [ -e /sys/block/xvdb ]'; else gtest='! [ -e /sys/class/net/eth0 ]'; fi
-    gcmd 20 "i=0; while ! $gtest && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done; ls /sys/block /sys/class/net | tr '\n' ' '; $gtest"
+    if [ "$kind" = vbd ]; then gtest='[ ! -e /sys/block/xvdb ]'; else gtest='[ ! -e /sys/class/net/eth0 ]'; fi
+    gcmd 20 "i=0; until $gtest || [ \$i -ge 100 ]; do sleep 0.1; i=\$((i+1)); done; ls /sys/block /sys/class/net | tr '\n' ' '; $gtest"
     grc=$?
     if [ $rc = 0 ] && [ "$closed" -ge 1 ] && [ "$forced" = 0 ] && [ $gone = 0 ] && [ $grc = 0 ] \
         && awk "BEGIN{exit !($tx < 10)}"; then

@@ -78,8 +78,13 @@ while true; do
         if [ -n "$cmd" ] && [ "$seq" != "$lastseq" ]; then
             lastseq=$seq
             echo "guest: cmd $cmd"
-            eval "${cmd#*:}" > /tmp/cmd.out 2>&1
-            rc=$?
+            # A syntax error in eval would end this shell (PID 1): check it first.
+            if sh -n -c "${cmd#*:}" > /tmp/cmd.out 2>&1; then
+                eval "${cmd#*:}" > /tmp/cmd.out 2>&1
+                rc=$?
+            else
+                rc=2
+            fi
             out=$(tr '\n' ' ' < /tmp/cmd.out | head -c 1500)
             xenstore-write data/cmd-reply "$seq:$rc:$out"
             echo "guest: cmd $seq exit $rc: $out"

@@ -94,6 +94,9 @@ echo "$(date +%T) $*" >&2
 # The device run's stages, in the order they run (see tests/xen/README.md); CI runs DEVICE_CI.
 DEVICE_STAGES = ["vbd-read", "vbd-write", "vif-ping", "block-attach", "block-detach", "save", "restore",
                  "reboot", "network-detach", "shutdown"]
+# What CI runs (within its time budget): the stages that matter most; README says how to run all.
+DEVICE_CI = ["vbd-read", "vbd-write", "vif-ping", "block-attach", "block-detach", "save", "restore",
+             "reboot", "network-detach", "shutdown"]
 # Stages that need another one first (their own stage is skipped, and reported, without it).
 DEVICE_NEEDS = {"block-detach": "block-attach", "restore": "save"}
 LIBDIRS = ["usr/lib/x86_64-linux-gnu", f"usr/lib/xen-{XEN_VERSION}/lib/x86_64-linux-gnu"]
