@@ -193,15 +193,22 @@ SEQ=0
 GUEST_LOST=""
 gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its output; its status
     SEQ=$((SEQ + 1))
+    # Wait on a watch rather than polling with xenstore-read: fewer process starts (see README).
+    # It fires once when registered and once per change: the reply is the second event or later.
+    timeout $1 xenstore-watch -n 2 $dp/data/cmd-reply > /tmp/gcmd.w 2>&1 &
+    GW=$!
+    wait_for /tmp/gcmd.w cmd-reply 10
     # xenstore-read escapes a newline as \n: the guest gets the command on one line
-    xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" || { GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
+    xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
+        { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
     i=0
-    while [ $i -lt $(($1 * 5)) ]; do
+    while [ $i -lt $(($1 * 2)) ]; do
+        wait $GW 2>/dev/null  # returns when the reply changed, at the timeout, or at once later
         r=$(xenstore-read $dp/data/cmd-reply 2>/dev/null)
         case "$r" in "$SEQ:"*)
             r=${r#*:}; GOUT=${r#*:}; return "${r%%:*}" ;;
         esac
-        sleep 0.2; i=$((i + 1))
+        sleep 0.5; i=$((i + 1))
     done
     GOUT="no reply from the guest within $1 s"; GUEST_LOST=1
     return 124
@@ -234,7 +241,7 @@ wait_gone() {
         left=""
         for n in "$@"; do xenstore-exists "$n" 2>/dev/null && left="$left $n"; done
         [ -z "$left" ] && return 0
-        sleep 0.1; i=$((i + 1))
+        sleep 0.25; i=$((i + 2))
     done
     return 1
 }
@@ -244,17 +251,17 @@ new_domid() {  # new_domid <old> <seconds>: wait for the guest's name to map to 
     while [ $i -lt $(($2 * 5)) ]; do
         n=$(xl domid $name 2>/dev/null)
         [ -n "$n" ] && [ "$n" != "$1" ] && { echo "$n"; return 0; }
-        sleep 0.2; i=$((i + 1))
+        sleep 1; i=$((i + 5))
     done
     return 1
 }
 
-# wait_node <seconds> <path> <pattern>: until the node's value matches (grep -E)
+# wait_node <seconds> <path> <text>: until the node's value contains the text
 wait_node() {
     i=0
     while [ $i -lt $(($1 * 5)) ]; do
-        v=$(xenstore-read "$2" 2>/dev/null) && echo "$v" | grep -qE "$3" && return 0
-        sleep 0.2; i=$((i + 1))
+        v=$(xenstore-read "$2" 2>/dev/null) && case "$v" in *$3*) return 0 ;; esac
+        sleep 0.5; i=$((i + 2))
     done
     return 1
 }

@@ -29,12 +29,6 @@ if grep -q xsvm.devices=1 /proc/cmdline; then
 fi
 
 errors=""
-# A busybox applet occasionally segfaults under QEMU TCG (tests/xen/README.md, Reliability); in
-# PID 1 a comparison with an empty count would end the shell and panic the guest, so count safely.
-count() {  # count <pattern> <file>: matching lines, or the previous count ($2's) on a crash
-    n=$(grep -c "$1" "$2" 2>/dev/null)
-    case "$n" in '' | *[!0-9]*) echo "$3" ;; *) echo "$n" ;; esac
-}
 check() {  # check <what> <expected> <actual>
     if [ "$2" != "$3" ]; then errors="$errors $1(want '$2' got '$3')"; fi
 }
@@ -52,26 +46,31 @@ xenstore-exists data/scratch 2>/dev/null && errors="$errors rm-left-node"
 # Privileged nodes must stay out of reach.
 xenstore-write /local/domain/0/evil 1 2>/dev/null && errors="$errors wrote-dom0-node"
 
-# Watch (relative path) first, then announce ourselves: dom0 writes data/to-guest on seeing it.
-xenstore-watch data/to-guest > /tmp/w 2>&1 &
-i=0
-while ! grep -q to-guest /tmp/w && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-grep -q to-guest /tmp/w || errors="$errors no-initial-watch-event"
+# Watch (relative paths) first, then announce ourselves: dom0 writes data/to-guest on seeing it.
+# Both watches feed one FIFO that this shell blocks on with its `read` builtin: no process is
+# started while nothing happens (a loop polling with grep started ~20 a second, and under QEMU TCG
+# every process start is a chance for the platform's memory corruption, see README).
+mkfifo /tmp/events
+exec 3<> /tmp/events
+xenstore-watch data/to-guest >&3 2>&1 &
 # dom0's commands (the device run): data/cmd = "<seq>:<shell>", run in this shell (so that
 # variables it sets stay in this process's memory, e.g. across save/restore), answered with
 # data/cmd-reply = "<seq>:<exit status>:<output on one line>".
-xenstore-watch data/cmd > /tmp/wc 2>&1 &
+xenstore-watch data/cmd >&3 2>&1 &
+initial=""
+while read -t 10 -r ev <&3; do  # each watch fires once when registered
+    case "$ev" in *to-guest*) initial="$initial t" ;; *data/cmd*) initial="$initial c" ;; esac
+    case "$initial" in *t*c* | *c*t*) break ;; esac
+done
+case "$initial" in *t*) ;; *) errors="$errors no-initial-watch-event" ;; esac
 xenstore-write data/guest-up "domid=$domid name=$name$devinfo"
 echo "guest: announced, waiting for dom0"
-# Answer every change of data/to-guest (the first one also carries our results).
-seen=1
 first=1
-cseen=0
 lastseq=""
 while true; do
-    c=$(count data/cmd /tmp/wc "$cseen")
-    if [ "$c" -gt "$cseen" ]; then
-        cseen=$c
+    read -r ev <&3 || { sleep 1; continue; }
+    case "$ev" in
+    *data/cmd*)
         cmd=$(xenstore-read data/cmd 2>/dev/null)
         seq=${cmd%%:*}
         # A watch also fires when it is re-registered (after a restore): run each command once.
@@ -89,12 +88,10 @@ while true; do
             xenstore-write data/cmd-reply "$seq:$rc:$out"
             echo "guest: cmd $seq exit $rc: $out"
         fi
-    fi
-    c=$(count to-guest /tmp/w "$seen")
-    if [ "$c" -gt "$seen" ]; then
-        seen=$c
-        token=$(xenstore-read data/to-guest 2>&1)
-        echo "guest: watch fired ($c): $(tail -n 1 /tmp/w) value=$token"
+        ;;
+    *to-guest*)
+        token=$(xenstore-read data/to-guest 2>/dev/null) || continue  # re-registered, no ping yet
+        echo "guest: watch fired: $ev value=$token"
         if [ -n "$first" ]; then
             if [ -z "$errors" ]; then result="ok domid=$domid"; else result="FAIL$errors"; fi
             xenstore-write data/result "$result"
@@ -103,6 +100,6 @@ while true; do
         fi
         xenstore-write data/from-guest "pong:$token"
         echo "guest: answered pong:$token (exit $?)"
-    fi
-    sleep 0.1
+        ;;
+    esac
 done

@@ -535,7 +535,10 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
 # always while a guest is running.  Such a run says nothing about the daemon; it is retried.
 PLATFORM_RE = re.compile(
     r"segfault at [0-9a-f]+ ip|^Segmentation fault$|^Aborted$|^Illegal instruction$|"
-    r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]"
+    r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]|"
+    # glibc's heap checks (seen from processes the hotplug scripts start)
+    r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
+    r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)"
 )
 
 
