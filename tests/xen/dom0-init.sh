@@ -347,13 +347,15 @@ detach() {
     tx=$(since $ta)
     closed=$(grep -c "backend $BE/$kind/$D/$devid/state wanted state 6 ok" /tmp/xl-$st.log)
     forced=$(grep -c "forced remove\|timed out" /tmp/xl-$st.log)
+    tw=$(now)
     wait_gone 5 $BE/$kind/$D/$devid $dp/device/$kind/$devid; gone=$?
+    tw=$(since $tw); tg=$(now)
     if [ "$kind" = vbd ]; then gtest='[ ! -e /sys/block/xvdb ]'; else gtest='[ ! -e /sys/class/net/eth0 ]'; fi
     gcmd 20 "i=0; until $gtest || [ \$i -ge 100 ]; do sleep 0.1; i=\$((i+1)); done; ls /sys/block /sys/class/net | tr '\n' ' '; $gtest"
-    grc=$?
+    grc=$?; tg=$(since $tg)
     if [ $rc = 0 ] && [ "$closed" -ge 1 ] && [ "$forced" = 0 ] && [ $gone = 0 ] && [ $grc = 0 ] \
         && awk "BEGIN{exit !($tx < 10)}"; then
-        ok $st "xl $1 ${tx}s (backend reached Closed), nodes gone on both sides, guest sees: $GOUT"
+        ok $st "xl $1 ${tx}s (backend reached Closed), nodes gone on both sides (${tw}s), guest sees (${tg}s): $GOUT"
     else
         dfail $st "xl exit $rc in ${tx}s, 'wanted state 6 ok' x$closed, forced/timed out x$forced, nodes gone=$((1 - gone)) ($left), guest exit $grc: $GOUT"
     fi
@@ -376,7 +378,7 @@ released() {  # released <tag> <seconds>: @releaseDomain fired again
 
 stage_save() {
     gcmd 20 'KEEP="kept-$(cat /proc/sys/kernel/random/uuid)"; echo "$KEEP" > /tmp/keep; echo "$KEEP"'
-    KEEP=$GOUT
+    KEEP=${GOUT% }
     watch_release save
     ta=$(now)
     timeout 120 xl -v save $name /var/lib/xsvm/guest.save > /tmp/xl-save.log 2>&1

@@ -12,6 +12,7 @@ echo "guest: userspace up, $(ls /dev/xen 2>&1 | tr '\n' ' ')"
 # dom0's `xl shutdown` ends in the kernel's orderly_poweroff, which runs /sbin/poweroff (busybox:
 # it signals PID 1, this script, with SIGUSR2): power off for real.
 trap 'echo "guest: poweroff requested"; sync; poweroff -f' USR2
+ln -s /bin/busybox /sbin/poweroff  # the kernel's poweroff_cmd (busybox installed itself in /bin)
 trap 'echo "guest: reboot requested"; sync; reboot -f' TERM
 
 # The device run (xsvm.devices=1 on the kernel command line): frontends, then wait for xvda.
@@ -68,7 +69,8 @@ echo "guest: announced, waiting for dom0"
 first=1
 lastseq=""
 while true; do
-    read -r ev <&3 || { sleep 1; continue; }
+    # A timeout (no process started) so that the poweroff trap runs within a second.
+    read -t 1 -r ev <&3 || continue
     case "$ev" in
     *data/cmd*)
         cmd=$(xenstore-read data/cmd 2>/dev/null)
