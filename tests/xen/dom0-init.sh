@@ -337,8 +337,10 @@ stage_block_attach() {
     fi
 }
 
-# detach <stage> <kind> <devid> <xl command...>: xl must finish within 10 s, the backend having
-# reached Closed (6), and the device must be gone from both sides' nodes and from the guest
+# detach <stage> <kind> <devid> <xl command...>: the backend must reach Closed (6) within 10 s
+# (libxl's own device timeout: past it libxl logs "Timeout reached, initiating forced remove"),
+# and the device must then be gone from both sides' nodes and from the guest.  xl itself may
+# take longer than 10 s in all under a loaded TCG host (its start-up alone takes seconds): 30 s.
 detach() {
     st=$1; kind=$2; devid=$3; shift 3
     ta=$(now)
@@ -354,7 +356,7 @@ detach() {
     gcmd 20 "i=0; until $gtest || [ \$i -ge 100 ]; do sleep 0.1; i=\$((i+1)); done; ls /sys/block /sys/class/net | tr '\n' ' '; $gtest"
     grc=$?; tg=$(since $tg)
     if [ $rc = 0 ] && [ "$closed" -ge 1 ] && [ "$forced" = 0 ] && [ $gone = 0 ] && [ $grc = 0 ] \
-        && awk "BEGIN{exit !($tx < 10)}"; then
+        && awk "BEGIN{exit !($tx < 30)}"; then
         ok $st "xl $1 ${tx}s (backend reached Closed), nodes gone on both sides (${tw}s), guest sees (${tg}s): $GOUT"
     else
         dfail $st "xl exit $rc in ${tx}s, 'wanted state 6 ok' x$closed, forced/timed out x$forced, nodes gone=$((1 - gone)) ($left), guest exit $grc: $GOUT"

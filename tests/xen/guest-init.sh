@@ -54,10 +54,35 @@ xenstore-write /local/domain/0/evil 1 2>/dev/null && errors="$errors wrote-dom0-
 mkfifo /tmp/events
 exec 3<> /tmp/events
 xenstore-watch data/to-guest >&3 2>&1 &
+WT=$!
 # dom0's commands (the device run): data/cmd = "<seq>:<shell>", run in this shell (so that
 # variables it sets stay in this process's memory, e.g. across save/restore), answered with
 # data/cmd-reply = "<seq>:<exit status>:<output on one line>".
 xenstore-watch data/cmd >&3 2>&1 &
+WC=$!
+# A watcher that died is restarted (checked with builtins only, no process started); a death by a
+# signal is the platform's crash (README, Reliability), printed so that the host sees it.  The
+# restarted watch fires once, which also delivers an event the dead one may have missed.
+died() {  # died <status> <path>
+    if [ "$1" -gt 128 ]; then
+        echo "guest: xenstore-watch $2 killed by signal $(($1 - 128)), restarted" > /dev/console
+    else
+        echo "guest: xenstore-watch $2 exited with status $1, restarted" > /dev/console
+    fi
+}
+gone() {  # gone <pid>: exited (a zombie counts: this shell reaps its children lazily)
+    [ -r /proc/$1/stat ] || return 0
+    read -r _ _ st _ < /proc/$1/stat
+    [ "$st" = Z ]
+}
+check_watchers() {
+    if gone $WT; then
+        wait $WT; died $? data/to-guest; xenstore-watch data/to-guest >&3 2>&1 & WT=$!
+    fi
+    if gone $WC; then
+        wait $WC; died $? data/cmd; xenstore-watch data/cmd >&3 2>&1 & WC=$!
+    fi
+}
 initial=""
 while read -t 10 -r ev <&3; do  # each watch fires once when registered
     case "$ev" in *to-guest*) initial="$initial t" ;; *data/cmd*) initial="$initial c" ;; esac
@@ -70,7 +95,10 @@ first=1
 lastseq=""
 while true; do
     # A timeout (no process started) so that the poweroff trap runs within a second.
-    read -t 1 -r ev <&3 || continue
+    if ! read -t 1 -r ev <&3; then
+        check_watchers
+        continue
+    fi
     case "$ev" in
     *data/cmd*)
         cmd=$(xenstore-read data/cmd 2>/dev/null)

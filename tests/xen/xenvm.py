@@ -540,7 +540,8 @@ PLATFORM_RE = re.compile(
     r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]|"
     # glibc's heap checks (seen from processes the hotplug scripts start)
     r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
-    r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)"
+    r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)|"
+    r"^guest: \S+ \S+ killed by signal (4|6|7|11),"
 )
 
 
