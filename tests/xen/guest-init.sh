@@ -21,7 +21,9 @@ devinfo=""
 if grep -q xsvm.devices=1 /proc/cmdline; then
     for m in $(cat /lib/modules/load.list); do insmod "/lib/modules/$m" || echo "guest: insmod $m failed"; done
     i=0
-    while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+    # blkfront connects after the backend's hotplug script ran: 30 s were not always enough on a
+    # loaded host (seen after a reboot, with the host's load average near 10)
+    while [ ! -b /dev/xvda ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
     # vbd-write leaves a mark in sector 64 of xvda: finding it means this is a boot after a reboot.
     diskmark=$(dd if=/dev/xvda bs=512 skip=64 count=1 2>/dev/null | head -c 40 | tr -dc 'A-Za-z0-9:.-')
     case "$diskmark" in XSVM-MARK*) boot=2 ;; esac
