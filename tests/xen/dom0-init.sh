@@ -191,6 +191,9 @@ BE=/local/domain/0/backend
 
 SEQ=0
 GUEST_LOST=""
+sig_note() {  # sig_note <status> <what>: a tool killed by a signal is the platform's crash (README)
+    case "$1" in 132 | 134 | 135 | 139) mark "PLATFORM $2 killed by signal $(($1 - 128))" ;; esac
+}
 gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its output; its status
     SEQ=$((SEQ + 1))
     # Wait on a watch rather than polling with xenstore-read: fewer process starts (see README).
@@ -325,6 +328,7 @@ stage_block_attach() {
     timeout 60 xl -v block-attach $name 'format=raw, vdev=xvdb, access=ro, target=/var/lib/xsvm/disk2.img' \
         > /tmp/xl-block-attach.log 2>&1
     rc=$?
+    sig_note $rc "xl block-attach"
     tx=$(since $ta)
     gcmd 60 'i=0; while [ ! -b /dev/xvdb ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; sha256sum /dev/xvdb'
     grc=$?
@@ -346,6 +350,7 @@ detach() {
     ta=$(now)
     timeout 60 xl -vvv "$@" > /tmp/xl-$st.log 2>&1
     rc=$?
+    sig_note $rc "xl $1"
     tx=$(since $ta)
     closed=$(grep -c "backend $BE/$kind/$D/$devid/state wanted state 6 ok" /tmp/xl-$st.log)
     forced=$(grep -c "forced remove\|timed out" /tmp/xl-$st.log)
@@ -385,6 +390,7 @@ stage_save() {
     ta=$(now)
     timeout 120 xl -v save $name /var/lib/xsvm/guest.save > /tmp/xl-save.log 2>&1
     rc=$?
+    sig_note $rc "xl save"
     tx=$(since $ta)
     released save 20; rel=$?
     size=$(ls -l /var/lib/xsvm/guest.save 2>/dev/null | awk '{print $5}')
@@ -403,6 +409,7 @@ stage_restore() {
     ta=$(now)
     timeout 120 xl -v restore /var/lib/xsvm/guest.save > /tmp/xl-restore.log 2>&1
     rc=$?
+    sig_note $rc "xl restore"
     tx=$(since $ta)
     D=$(xl domid $name 2>/dev/null); dp=/local/domain/$D
     if [ $rc != 0 ] || [ -z "$D" ]; then dfail restore "xl restore exit $rc in ${tx}s"; GUEST_LOST=1; return; fi
@@ -425,6 +432,7 @@ stage_reboot() {
     ta=$(now)
     timeout 60 xl -v reboot $name > /tmp/xl-reboot.log 2>&1
     rc=$?
+    sig_note $rc "xl reboot"
     new=$(new_domid $old 120)
     if [ $rc != 0 ] || [ -z "$new" ]; then
         dfail reboot "xl reboot exit $rc, domid still '$(xl domid $name 2>&1)' after $(since $ta)s"; GUEST_LOST=1; return
@@ -448,6 +456,7 @@ stage_shutdown() {
     ta=$(now)
     timeout 60 xl -v shutdown -w $name > /tmp/xl-shutdown.log 2>&1
     rc=$?
+    sig_note $rc "xl shutdown"
     tx=$(since $ta)
     released shutdown 20; rel=$?
     wait_gone 10 $BE/vbd/$D $BE/vif/$D $dp; gone=$?

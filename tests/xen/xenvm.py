@@ -541,7 +541,7 @@ PLATFORM_RE = re.compile(
     # glibc's heap checks (seen from processes the hotplug scripts start)
     r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
     r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)|"
-    r"^guest: \S+ \S+ killed by signal (4|6|7|11),"
+    r"^guest: \S+ \S+ killed by signal (4|6|7|11),|^XSVM PLATFORM .* killed by signal"
 )
 
 
