@@ -17,6 +17,9 @@ mount -t tmpfs run /run
 mount -t tmpfs tmp /tmp
 mkdir -p /run/xenstored /run/xen /var/lib/xen /var/log/xen /var/lock /etc/xen /host
 [ -e /var/run ] || ln -s /run /var/run
+# bash's /dev/stdin and /dev/fd (the hotplug scripts' locking.sh stats /dev/stdin)
+ln -s /proc/self/fd /dev/fd; ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout; ln -s /proc/self/fd/2 /dev/stderr
 
 now() { read -r up _ < /proc/uptime; echo "$up"; }
 mark() { echo "XSVM $* t=$(now)"; }
@@ -72,7 +75,7 @@ ok modules "xsd_port=$(cat /proc/xen/xsd_port)"
 # guest kernel is read from the package cache
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,ro host /host \
     || { fail share "mount 9p"; finish; }
-for d in dev proc sys run; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
+for d in dev proc sys run tmp; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
 ok share ""
 : > /etc/xen/xl.conf
 
@@ -175,6 +178,314 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
     roundtrip lu-guest-roundtrip
 }
 
+# ----------------------------------------------------------------------------- the device run
+# --devices: the PV guest gets a disk (xvda: a file, through libxl's `block` hotplug script, a
+# loop device and xen-blkback) and a vif on xenbr0 (xen-netback, `vif-bridge`), and goes through
+# hotplug, save/restore, reboot and shutdown.  Each stage is one XSVM STAGE line; a failing one
+# dumps both sides' device nodes and the hotplug log right away.
+has_stage() { case " $XSVM_DEVICES " in *" $1 "*) return 0 ;; esac; return 1; }
+since() { awk "BEGIN{printf \"%.1f\", $(now) - $1}"; }
+VBD_A=51712   # xvda = 202:0
+VBD_B=51728   # xvdb = 202:16
+BE=/local/domain/0/backend
+
+SEQ=0
+GUEST_LOST=""
+sig_note() {  # sig_note <status> <what>: a tool killed by a signal is the platform's crash (README)
+    case "$1" in 132 | 134 | 135 | 139) mark "PLATFORM $2 killed by signal $(($1 - 128))" ;; esac
+}
+gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its output; its status
+    SEQ=$((SEQ + 1))
+    # Wait on a watch rather than polling with xenstore-read: fewer process starts (see README).
+    # It fires once when registered and once per change: the reply is the second event or later.
+    timeout $1 xenstore-watch -n 2 $dp/data/cmd-reply > /tmp/gcmd.w 2>&1 &
+    GW=$!
+    wait_for /tmp/gcmd.w cmd-reply 10
+    # xenstore-read escapes a newline as \n: the guest gets the command on one line
+    xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
+        { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
+    i=0
+    while [ $i -lt $(($1 * 2)) ]; do
+        wait $GW 2>/dev/null  # returns when the reply changed, at the timeout, or at once later
+        r=$(xenstore-read $dp/data/cmd-reply 2>/dev/null)
+        case "$r" in "$SEQ:"*)
+            r=${r#*:}; GOUT=${r#*:}; return "${r%%:*}" ;;
+        esac
+        sleep 0.5; i=$((i + 1))
+    done
+    GOUT="no reply from the guest within $1 s"; GUEST_LOST=1
+    return 124
+}
+
+dev_diag() {  # dev_diag <stage>: what a failing device stage needs, printed right away
+    {
+        echo "== xl list"; timeout 10 xl list
+        echo "== backends (/local/domain/0/backend)"; timeout 10 xenstore-ls -f $BE
+        echo "== frontends ($dp/device)"; timeout 10 xenstore-ls -f $dp/device
+        echo "== $dp/control"; timeout 10 xenstore-ls -f $dp/control
+        echo "== losetup"; losetup -a
+        echo "== links"; /usr/sbin/ip -br link; ls /sys/class/net/xenbr0/brif 2>&1
+    } > /tmp/diag 2>&1
+    dump "diag-$1" /tmp/diag 150
+    dump xen-hotplug.log /var/log/xen/xen-hotplug.log 60
+    for f in /tmp/xl-$1*.log; do dump "${f##*/}" "$f" 60; done
+    for f in /var/log/xen/guest-*.log; do dump "${f##*/}" "$f" 40; done
+    dmesg | tail -n 20 > /tmp/dmesg.tail; dump dom0-dmesg /tmp/dmesg.tail
+}
+dfail() { fail "$1" "$2"; dev_diag "$1"; }
+
+be_state() { xenstore-read $BE/$1/$D/$2/state 2>/dev/null || echo none; }
+fe_state() { xenstore-read $dp/device/$1/$2/state 2>/dev/null || echo none; }
+
+# wait_gone <seconds> <path>...: until none of the nodes exists
+wait_gone() {
+    t=$1; shift; i=0
+    while [ $i -lt $((t * 10)) ]; do
+        left=""
+        for n in "$@"; do xenstore-exists "$n" 2>/dev/null && left="$left $n"; done
+        [ -z "$left" ] && return 0
+        sleep 0.25; i=$((i + 2))
+    done
+    return 1
+}
+
+new_domid() {  # new_domid <old> <seconds>: wait for the guest's name to map to another domid
+    i=0
+    while [ $i -lt $(($2 * 5)) ]; do
+        n=$(xl domid $name 2>/dev/null)
+        [ -n "$n" ] && [ "$n" != "$1" ] && { echo "$n"; return 0; }
+        sleep 1; i=$((i + 5))
+    done
+    return 1
+}
+
+# wait_node <seconds> <path> <text>: until the node's value contains the text
+wait_node() {
+    i=0
+    while [ $i -lt $(($1 * 5)) ]; do
+        v=$(xenstore-read "$2" 2>/dev/null) && case "$v" in *$3*) return 0 ;; esac
+        sleep 0.5; i=$((i + 2))
+    done
+    return 1
+}
+
+devices_setup() {  # dom0's side before the guest exists: the bridge its vif joins
+    ip link add xenbr0 type bridge stp_state 0 forward_delay 0 && ip addr add 10.99.0.1/24 dev xenbr0 \
+        && ip link set xenbr0 up || fail devices-setup "bridge xenbr0"
+    ok devices-setup "xenbr0 10.99.0.1/24, $(ls /dev/loop* 2>/dev/null | wc -l) loop devices, $(lsmod | grep -cE 'blkback|netback') backends"
+}
+
+stage_vbd_read() {
+    ta=$(now)
+    gcmd 60 'i=0; while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; sha256sum /dev/xvda'
+    rc=$?
+    sum=${GOUT%% *}
+    info="backend state $(be_state vbd $VBD_A) hotplug-status $(xenstore-read $BE/vbd/$D/$VBD_A/hotplug-status 2>&1) node $(xenstore-read $BE/vbd/$D/$VBD_A/node 2>&1), frontend state $(fe_state vbd $VBD_A)"
+    if [ $rc = 0 ] && [ "$sum" = "$XSVM_DISK1_SHA256" ]; then
+        ok vbd-read "guest's sha256 of xvda (4 MiB) matches the host's image in $(since $ta)s; $info"
+    else
+        dfail vbd-read "exit $rc: $GOUT (want $XSVM_DISK1_SHA256); $info"
+    fi
+}
+
+stage_vbd_write() {
+    MARK="XSVM-MARK-$$-$(now)"
+    ta=$(now)
+    gcmd 60 "printf %s $MARK | dd of=/dev/xvda bs=512 seek=64 conv=notrunc,fsync 2>&1 && sync && echo synced"
+    rc=$?
+    got=$(dd if=/var/lib/xsvm/disk1.img bs=512 skip=64 count=1 2>/dev/null | head -c ${#MARK})
+    if [ $rc = 0 ] && [ "$got" = "$MARK" ]; then
+        ok vbd-write "guest wrote sector 64 and synced; dom0 read it back from the image in $(since $ta)s"
+    else
+        dfail vbd-write "guest exit $rc: $GOUT; image sector 64 starts '$(echo "$got" | head -c 40)', want $MARK"
+    fi
+}
+
+guest_ping() {  # the guest pings dom0 (and configures eth0 first if needed)
+    gcmd 60 'ip link set eth0 up; ip addr show eth0 | grep -q 10.99.0.2 || ip addr add 10.99.0.2/24 dev eth0;
+        n=0; until ping -c 1 -W 2 10.99.0.1 > /tmp/ping; do n=$((n+1)); [ $n -ge 10 ] && break; done;
+        tail -n 2 /tmp/ping; [ $n -lt 10 ]'
+}
+dom0_ping() {
+    n=0
+    until ping -c 1 -W 2 10.99.0.2 > /tmp/ping0 2>&1; do n=$((n + 1)); [ $n -ge 10 ] && return 1; done
+}
+
+stage_vif_ping() {
+    ta=$(now)
+    guest_ping; rc=$?; gout=$GOUT
+    dom0_ping; rc0=$?
+    info="vif$D.0 on xenbr0: $(ls /sys/class/net/xenbr0/brif 2>&1 | tr '\n' ' ') backend state $(be_state vif 0), frontend $(fe_state vif 0)"
+    if [ $rc = 0 ] && [ $rc0 = 0 ]; then
+        ok vif-ping "guest -> dom0 and dom0 -> guest in $(since $ta)s ($(grep -o 'time=[0-9.]* ms' /tmp/ping0)); $info"
+    else
+        dfail vif-ping "guest ping exit $rc ($gout); dom0 ping exit $rc0 ($(tail -n 2 /tmp/ping0 | tr '\n' ' ')); $info"
+    fi
+}
+
+stage_block_attach() {
+    ta=$(now)
+    timeout 60 xl -v block-attach $name 'format=raw, vdev=xvdb, access=ro, target=/var/lib/xsvm/disk2.img' \
+        > /tmp/xl-block-attach.log 2>&1
+    rc=$?
+    sig_note $rc "xl block-attach"
+    tx=$(since $ta)
+    gcmd 60 'i=0; while [ ! -b /dev/xvdb ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; sha256sum /dev/xvdb'
+    grc=$?
+    sum=${GOUT%% *}
+    info="backend state $(be_state vbd $VBD_B), frontend state $(fe_state vbd $VBD_B), node $(xenstore-read $BE/vbd/$D/$VBD_B/node 2>&1)"
+    if [ $rc = 0 ] && [ $grc = 0 ] && [ "$sum" = "$XSVM_DISK2_SHA256" ]; then
+        ok block-attach "xl block-attach ${tx}s, guest read xvdb (sha256 matches) after $(since $ta)s; $info"
+    else
+        dfail block-attach "xl exit $rc; guest exit $grc: $GOUT (want $XSVM_DISK2_SHA256); $info"
+    fi
+}
+
+# detach <stage> <kind> <devid> <xl command...>: the backend must reach Closed (6) within 10 s
+# (libxl's own device timeout: past it libxl logs "Timeout reached, initiating forced remove"),
+# and the device must then be gone from both sides' nodes and from the guest.  xl itself may
+# take longer than 10 s in all under a loaded TCG host (its start-up alone takes seconds): 30 s.
+detach() {
+    st=$1; kind=$2; devid=$3; shift 3
+    ta=$(now)
+    timeout 60 xl -vvv "$@" > /tmp/xl-$st.log 2>&1
+    rc=$?
+    sig_note $rc "xl $1"
+    tx=$(since $ta)
+    closed=$(grep -c "backend $BE/$kind/$D/$devid/state wanted state 6 ok" /tmp/xl-$st.log)
+    forced=$(grep -c "forced remove\|timed out" /tmp/xl-$st.log)
+    tw=$(now)
+    wait_gone 5 $BE/$kind/$D/$devid $dp/device/$kind/$devid; gone=$?
+    tw=$(since $tw); tg=$(now)
+    if [ "$kind" = vbd ]; then gtest='[ ! -e /sys/block/xvdb ]'; else gtest='[ ! -e /sys/class/net/eth0 ]'; fi
+    gcmd 20 "i=0; until $gtest || [ \$i -ge 100 ]; do sleep 0.1; i=\$((i+1)); done; ls /sys/block /sys/class/net | tr '\n' ' '; $gtest"
+    grc=$?; tg=$(since $tg)
+    if [ $rc = 0 ] && [ "$closed" -ge 1 ] && [ "$forced" = 0 ] && [ $gone = 0 ] && [ $grc = 0 ] \
+        && awk "BEGIN{exit !($tx < 30)}"; then
+        ok $st "xl $1 ${tx}s (backend reached Closed), nodes gone on both sides (${tw}s), guest sees (${tg}s): $GOUT"
+    else
+        dfail $st "xl exit $rc in ${tx}s, 'wanted state 6 ok' x$closed, forced/timed out x$forced, nodes gone=$((1 - gone)) ($left), guest exit $grc: $GOUT"
+    fi
+}
+
+watch_release() {  # start watching @releaseDomain into /tmp/rel-$1.log (REL = watcher pid)
+    xenstore-watch @releaseDomain > /tmp/rel-$1.log 2>&1 &
+    REL=$!
+    wait_for /tmp/rel-$1.log "@releaseDomain" 10
+}
+released() {  # released <tag> <seconds>: @releaseDomain fired again
+    i=0
+    while [ $i -lt $(($2 * 10)) ]; do
+        [ "$(count /tmp/rel-$1.log @releaseDomain)" -ge 2 ] && { kill $REL 2>/dev/null; return 0; }
+        sleep 0.1; i=$((i + 1))
+    done
+    kill $REL 2>/dev/null
+    return 1
+}
+
+stage_save() {
+    gcmd 20 'KEEP="kept-$(cat /proc/sys/kernel/random/uuid)"; echo "$KEEP" > /tmp/keep; echo "$KEEP"'
+    KEEP=${GOUT% }
+    watch_release save
+    ta=$(now)
+    timeout 120 xl -v save $name /var/lib/xsvm/guest.save > /tmp/xl-save.log 2>&1
+    rc=$?
+    sig_note $rc "xl save"
+    tx=$(since $ta)
+    released save 20; rel=$?
+    size=$(ls -l /var/lib/xsvm/guest.save 2>/dev/null | awk '{print $5}')
+    if [ $rc = 0 ] && [ $rel = 0 ] && ! xl domid $name > /dev/null 2>&1 && ! xenstore-exists $dp 2>/dev/null \
+        && [ -n "$KEEP" ]; then
+        ok save "xl save ${tx}s ($((size >> 20)) MiB), suspended through control/shutdown, @releaseDomain fired, $dp gone"
+    else
+        dfail save "xl save exit $rc in ${tx}s, @releaseDomain fired=$((1 - rel)), domid now '$(xl domid $name 2>&1)', kept '$KEEP'"
+        SAVED=""; return
+    fi
+    SAVED=1
+}
+
+stage_restore() {
+    old=$D
+    ta=$(now)
+    timeout 120 xl -v restore /var/lib/xsvm/guest.save > /tmp/xl-restore.log 2>&1
+    rc=$?
+    sig_note $rc "xl restore"
+    tx=$(since $ta)
+    D=$(xl domid $name 2>/dev/null); dp=/local/domain/$D
+    if [ $rc != 0 ] || [ -z "$D" ]; then dfail restore "xl restore exit $rc in ${tx}s"; GUEST_LOST=1; return; fi
+    gcmd 60 'echo "$KEEP $(cat /tmp/keep) domid=$(xenstore-read domid)"; dd if=/dev/xvda bs=512 skip=64 count=1 2>/dev/null | head -c 40; echo'
+    grc=$?; gout=$GOUT
+    v1=$(echo "$gout" | awk '{print $1}'); v2=$(echo "$gout" | awk '{print $2}')
+    vbd=$(be_state vbd $VBD_A)/$(fe_state vbd $VBD_A)
+    pingok=1
+    if has_stage vif-ping; then guest_ping && dom0_ping && pingok=0; else pingok=0; fi
+    if [ $grc = 0 ] && [ "$v1" = "$KEEP" ] && [ "$v2" = "$KEEP" ] && [ "$vbd" = 4/4 ] && [ $pingok = 0 ] \
+        && echo "$gout" | grep -q "domid=$D " && [ "$D" != "$old" ]; then
+        ok restore "xl restore ${tx}s: domid $old -> $D, shell variable and tmpfs file kept, guest's xenstore tools work, xvda $vbd$(has_stage vif-ping && echo ', ping both ways'), $(since $ta)s in all"
+    else
+        dfail restore "xl restore exit $rc in ${tx}s, domid $old -> $D; guest exit $grc: $gout (want $KEEP $KEEP domid=$D); vbd states $vbd; ping=$pingok"
+    fi
+}
+
+stage_reboot() {
+    old=$D
+    ta=$(now)
+    timeout 60 xl -v reboot $name > /tmp/xl-reboot.log 2>&1
+    rc=$?
+    sig_note $rc "xl reboot"
+    new=$(new_domid $old 120)
+    if [ $rc != 0 ] || [ -z "$new" ]; then
+        dfail reboot "xl reboot exit $rc, domid still '$(xl domid $name 2>&1)' after $(since $ta)s"; GUEST_LOST=1; return
+    fi
+    D=$new; dp=/local/domain/$D
+    if ! wait_node 120 $dp/data/guest-up 'boot='; then
+        dfail reboot "new domain $D never announced itself (data/guest-up)"; GUEST_LOST=1; return
+    fi
+    up=$(xenstore-read $dp/data/guest-up)
+    want=1; has_stage vbd-write && want=2
+    gone=0; wait_gone 10 $BE/vbd/$old $BE/vif/$old /local/domain/$old || gone=1
+    if echo "$up" | grep -q "boot=$want " && echo "$up" | grep -q "disks=xvda," && [ $gone = 0 ]; then
+        ok reboot "domid $old -> $D in $(since $ta)s, old domain's nodes gone; guest: $up"
+    else
+        dfail reboot "domid $old -> $D; guest-up '$up' (want boot=$want, disks=xvda); old nodes gone=$((1 - gone)) ($left)"
+    fi
+}
+
+stage_shutdown() {
+    watch_release shutdown
+    ta=$(now)
+    timeout 60 xl -v shutdown -w $name > /tmp/xl-shutdown.log 2>&1
+    rc=$?
+    sig_note $rc "xl shutdown"
+    tx=$(since $ta)
+    released shutdown 20; rel=$?
+    wait_gone 10 $BE/vbd/$D $BE/vif/$D $dp; gone=$?
+    leftover=$(for k in vbd vif; do xenstore-list $BE/$k 2>/dev/null; done | tr '\n' ' ')
+    if [ $rc = 0 ] && [ $rel = 0 ] && [ $gone = 0 ] && [ -z "$leftover" ]; then
+        ok shutdown "clean xl shutdown in ${tx}s (guest powered off through control/shutdown), @releaseDomain fired, $BE/vbd/$D, $BE/vif/$D, $dp gone"
+    else
+        dfail shutdown "xl shutdown exit $rc in ${tx}s, @releaseDomain fired=$((1 - rel)), gone=$((1 - gone)) ($left), backends left: '$leftover'"
+    fi
+}
+
+run_devices() {
+    for st in $XSVM_DEVICES; do
+        [ -n "$GUEST_LOST" ] && { fail "$st" "skipped: the guest is gone or not answering"; continue; }
+        case $st in
+            vbd-read) stage_vbd_read ;;
+            vbd-write) stage_vbd_write ;;
+            vif-ping) stage_vif_ping ;;
+            block-attach) stage_block_attach ;;
+            block-detach) detach block-detach vbd $VBD_B block-detach $name xvdb ;;
+            network-detach) detach network-detach vif 0 network-detach $name 0 ;;
+            save) stage_save ;;
+            restore) [ -n "$SAVED" ] && stage_restore || { fail restore "skipped: save failed"; GUEST_LOST=1; } ;;
+            reboot) stage_reboot ;;
+            shutdown) stage_shutdown; SHUTDOWN_DONE=1 ;;
+        esac
+    done
+}
+
 run_guest() {  # run_guest pv|pvh
     g=$1; name="guest-$g"; cfg=/etc/xen/$name.cfg
     {
@@ -182,16 +493,27 @@ run_guest() {  # run_guest pv|pvh
         echo "type = \"$g\""
         echo "kernel = \"$XSVM_GUEST_KERNEL\""
         echo "ramdisk = \"/guest.cpio\""
-        echo "memory = 160"
+        # The device guest's memory is what xl save writes and xl restore reads back, page by page
+        # under TCG: 96 MiB (its kernel, initramfs and busybox need far less)
+        if [ -n "$XSVM_DEVICES" ]; then echo "memory = 96"; else echo "memory = 160"; fi
         echo "vcpus = 1"
-        echo "extra = \"console=hvc0 rdinit=/init loglevel=4\""
+        if [ -n "$XSVM_DEVICES" ]; then
+            echo "extra = \"console=hvc0 rdinit=/init loglevel=4 xsvm.devices=1\""
+            echo "disk = [ 'format=raw, vdev=xvda, access=rw, target=/var/lib/xsvm/disk1.img' ]"
+            echo "vif = [ 'bridge=xenbr0, mac=00:16:3e:58:53:02' ]"
+            echo "on_reboot = \"restart\""
+        else
+            echo "extra = \"console=hvc0 rdinit=/init loglevel=4\""
+        fi
         echo "on_poweroff = \"destroy\""
         echo "on_crash = \"destroy\""
         [ "$g" = pvh ] && echo "tsc_mode = \"native\""
     } > $cfg
     mark "GUEST $g create"
     if ! timeout 120 xl create -p $cfg > /tmp/xl-create-$g.log 2>&1; then
-        cat /tmp/xl-create-$g.log; fail "$g-create" "xl create"; return
+        cat /tmp/xl-create-$g.log; fail "$g-create" "xl create"
+        [ -n "$XSVM_DEVICES" ] && dev_diag "$g-create"
+        return
     fi
     D=$(xl domid $name)
     dp=/local/domain/$D
@@ -223,6 +545,12 @@ run_guest() {  # run_guest pv|pvh
         live_update
     fi
     kill $W 2>/dev/null
+    if [ -z "$FAILED" ] && [ -n "$XSVM_DEVICES" ]; then
+        run_devices
+        [ -n "$SHUTDOWN_DONE" ] && return
+        D=$(xl domid $name 2>/dev/null); dp=/local/domain/$D
+        [ -z "$D" ] && return
+    fi
     # Destroy: @releaseDomain must fire and the guest's nodes must be gone.
     xenstore-watch @releaseDomain > /tmp/rel-$g.log 2>&1 &
     R=$!
@@ -247,6 +575,7 @@ run_guest() {  # run_guest pv|pvh
     fi
 }
 
+[ -n "$XSVM_DEVICES" ] && devices_setup
 for g in $XSVM_GUESTS; do
     [ -z "$FAILED" ] && run_guest $g
 done

@@ -9,6 +9,27 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 echo "guest: userspace up, $(ls /dev/xen 2>&1 | tr '\n' ' ')"
+# dom0's `xl shutdown` ends in the kernel's orderly_poweroff, which runs /sbin/poweroff (busybox:
+# it signals PID 1, this script, with SIGUSR2): power off for real.
+trap 'echo "guest: poweroff requested"; sync; poweroff -f' USR2
+ln -s /bin/busybox /sbin/poweroff  # the kernel's poweroff_cmd (busybox installed itself in /bin)
+trap 'echo "guest: reboot requested"; sync; reboot -f' TERM
+
+# The device run (xsvm.devices=1 on the kernel command line): frontends, then wait for xvda.
+boot=1
+devinfo=""
+if grep -q xsvm.devices=1 /proc/cmdline; then
+    for m in $(cat /lib/modules/load.list); do insmod "/lib/modules/$m" || echo "guest: insmod $m failed"; done
+    i=0
+    # blkfront connects after the backend's hotplug script ran: 30 s were not always enough on a
+    # loaded host (seen after a reboot, with the host's load average near 10)
+    while [ ! -b /dev/xvda ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+    # vbd-write leaves a mark in sector 64 of xvda: finding it means this is a boot after a reboot.
+    diskmark=$(dd if=/dev/xvda bs=512 skip=64 count=1 2>/dev/null | head -c 40 | tr -dc 'A-Za-z0-9:.-')
+    case "$diskmark" in XSVM-MARK*) boot=2 ;; esac
+    devinfo=" boot=$boot disks=$(ls /sys/block | grep xvd | tr '\n' ',') nets=$(ls /sys/class/net | tr '\n' ',') mark=$diskmark"
+    echo "guest: devices:$devinfo"
+fi
 
 errors=""
 check() {  # check <what> <expected> <actual>
@@ -28,22 +49,81 @@ xenstore-exists data/scratch 2>/dev/null && errors="$errors rm-left-node"
 # Privileged nodes must stay out of reach.
 xenstore-write /local/domain/0/evil 1 2>/dev/null && errors="$errors wrote-dom0-node"
 
-# Watch (relative path) first, then announce ourselves: dom0 writes data/to-guest on seeing it.
-xenstore-watch data/to-guest > /tmp/w 2>&1 &
-i=0
-while ! grep -q to-guest /tmp/w && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-grep -q to-guest /tmp/w || errors="$errors no-initial-watch-event"
-xenstore-write data/guest-up "domid=$domid name=$name"
+# Watch (relative paths) first, then announce ourselves: dom0 writes data/to-guest on seeing it.
+# Both watches feed one FIFO that this shell blocks on with its `read` builtin: no process is
+# started while nothing happens (a loop polling with grep started ~20 a second, and under QEMU TCG
+# every process start is a chance for the platform's memory corruption, see README).
+mkfifo /tmp/events
+exec 3<> /tmp/events
+xenstore-watch data/to-guest >&3 2>&1 &
+WT=$!
+# dom0's commands (the device run): data/cmd = "<seq>:<shell>", run in this shell (so that
+# variables it sets stay in this process's memory, e.g. across save/restore), answered with
+# data/cmd-reply = "<seq>:<exit status>:<output on one line>".
+xenstore-watch data/cmd >&3 2>&1 &
+WC=$!
+# A watcher that died is restarted (checked with builtins only, no process started); a death by a
+# signal is the platform's crash (README, Reliability), printed so that the host sees it.  The
+# restarted watch fires once, which also delivers an event the dead one may have missed.
+died() {  # died <status> <path>
+    if [ "$1" -gt 128 ]; then
+        echo "guest: xenstore-watch $2 killed by signal $(($1 - 128)), restarted" > /dev/console
+    else
+        echo "guest: xenstore-watch $2 exited with status $1, restarted" > /dev/console
+    fi
+}
+gone() {  # gone <pid>: exited (a zombie counts: this shell reaps its children lazily)
+    [ -r /proc/$1/stat ] || return 0
+    read -r _ _ st _ < /proc/$1/stat
+    [ "$st" = Z ]
+}
+check_watchers() {
+    if gone $WT; then
+        wait $WT; died $? data/to-guest; xenstore-watch data/to-guest >&3 2>&1 & WT=$!
+    fi
+    if gone $WC; then
+        wait $WC; died $? data/cmd; xenstore-watch data/cmd >&3 2>&1 & WC=$!
+    fi
+}
+initial=""
+while read -t 10 -r ev <&3; do  # each watch fires once when registered
+    case "$ev" in *to-guest*) initial="$initial t" ;; *data/cmd*) initial="$initial c" ;; esac
+    case "$initial" in *t*c* | *c*t*) break ;; esac
+done
+case "$initial" in *t*) ;; *) errors="$errors no-initial-watch-event" ;; esac
+xenstore-write data/guest-up "domid=$domid name=$name$devinfo"
 echo "guest: announced, waiting for dom0"
-# Answer every change of data/to-guest (the first one also carries our results).
-seen=1
 first=1
+lastseq=""
 while true; do
-    c=$(grep -c to-guest /tmp/w)
-    if [ "$c" -gt "$seen" ]; then
-        seen=$c
-        token=$(xenstore-read data/to-guest 2>&1)
-        echo "guest: watch fired ($c): $(tail -n 1 /tmp/w) value=$token"
+    # A timeout (no process started) so that the poweroff trap runs within a second.
+    if ! read -t 1 -r ev <&3; then
+        check_watchers
+        continue
+    fi
+    case "$ev" in
+    *data/cmd*)
+        cmd=$(xenstore-read data/cmd 2>/dev/null)
+        seq=${cmd%%:*}
+        # A watch also fires when it is re-registered (after a restore): run each command once.
+        if [ -n "$cmd" ] && [ "$seq" != "$lastseq" ]; then
+            lastseq=$seq
+            echo "guest: cmd $cmd"
+            # A syntax error in eval would end this shell (PID 1): check it first.
+            if sh -n -c "${cmd#*:}" > /tmp/cmd.out 2>&1; then
+                eval "${cmd#*:}" > /tmp/cmd.out 2>&1
+                rc=$?
+            else
+                rc=2
+            fi
+            out=$(tr '\n' ' ' < /tmp/cmd.out | head -c 1500)
+            xenstore-write data/cmd-reply "$seq:$rc:$out"
+            echo "guest: cmd $seq exit $rc: $out"
+        fi
+        ;;
+    *to-guest*)
+        token=$(xenstore-read data/to-guest 2>/dev/null) || continue  # re-registered, no ping yet
+        echo "guest: watch fired: $ev value=$token"
         if [ -n "$first" ]; then
             if [ -z "$errors" ]; then result="ok domid=$domid"; else result="FAIL$errors"; fi
             xenstore-write data/result "$result"
@@ -52,6 +132,6 @@ while true; do
         fi
         xenstore-write data/from-guest "pong:$token"
         echo "guest: answered pong:$token (exit $?)"
-    fi
-    sleep 0.1
+        ;;
+    esac
 done

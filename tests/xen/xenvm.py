@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import importlib.util
 import io
 import lzma
@@ -60,6 +61,8 @@ PACKAGES = [
     "libxentoolcore1",
     "libxentoollog1",
     "libyajl2",
+    # /etc/xen/scripts: the hotplug scripts libxl runs for disks and vifs (--devices)
+    "xen-utils-common",
 ]
 XEN_BIN = f"/usr/lib/xen-{XEN_VERSION}/bin"
 DOM0_TOOLS = [
@@ -72,6 +75,30 @@ DOM0_TOOLS = [
 XENSTORE_TOOLS = ["xenstore-read", "xenstore-write", "xenstore-ls", "xenstore-list", "xenstore-rm",
                   "xenstore-exists", "xenstore-watch", "xenstore-chmod"]
 MODULES = ["xen-evtchn", "xen-gntdev", "xen-privcmd", "xenfs", "9p", "9pnet_virtio", "virtio_pci"]
+# --devices: dom0's backends (disk through a loop device, vif on a bridge) and the guest's frontends
+DEVICE_MODULES = ["loop", "xen-blkback", "xen-netback", "bridge"]
+GUEST_DEVICE_MODULES = ["xen-blkfront", "xen-netfront"]
+# What the hotplug scripts run, from the host (GNU tools; they shadow busybox's applets because
+# the scripts put /usr/bin and /usr/sbin first in PATH): bash for the scripts themselves, util-linux
+# losetup/flock, coreutils stat/expr/readlink (`stat -c %t:%T`, `expr index`), iproute2 ip
+# (`ip link set master`, `type bridge`).
+HOTPLUG_TOOLS = {"/bin/bash": "bash", "/usr/sbin/losetup": "losetup", "/usr/bin/flock": "flock",
+                 "/usr/bin/stat": "stat", "/usr/bin/expr": "expr", "/usr/bin/readlink": "readlink",
+                 "/usr/sbin/ip": "ip"}
+LOGGER = """#!/bin/sh
+# logger for the hotplug scripts (no syslog in dom0): the message goes to stderr, which the
+# scripts send to /var/log/xen/xen-hotplug.log
+while [ $# -gt 0 ]; do case $1 in --) shift; break ;; -p|-t) shift 2 ;; -*) shift ;; *) break ;; esac; done
+echo "$(date +%T) $*" >&2
+"""
+# The device run's stages, in the order they run (see tests/xen/README.md); CI runs DEVICE_CI.
+DEVICE_STAGES = ["vbd-read", "vbd-write", "vif-ping", "block-attach", "block-detach", "save", "restore",
+                 "reboot", "network-detach", "shutdown"]
+# What CI runs (within its time budget): the stages that matter most; README says how to run all.
+DEVICE_CI = ["vbd-read", "vbd-write", "vif-ping", "block-attach", "block-detach", "save", "restore",
+             "shutdown"]
+# Stages that need another one first (their own stage is skipped, and reported, without it).
+DEVICE_NEEDS = {"block-detach": "block-attach", "restore": "save"}
 LIBDIRS = ["usr/lib/x86_64-linux-gnu", f"usr/lib/xen-{XEN_VERSION}/lib/x86_64-linux-gnu"]
 
 CPU = "max,smap=off"  # SMAP: QEMU TCG's emulation does not match what Xen expects (dom0 dies)
@@ -120,7 +147,9 @@ def _kernel_package() -> str:
 def fetch(cache: Path) -> Path:
     """Download and unpack the Debian packages once; returns the unpacked root."""
     root = cache / "root"
-    if (root / ".complete").exists():
+    wanted = "\n".join(PACKAGES) + "\n"
+    # A cache filled for an older package list (before xen-utils-common was added) is refilled.
+    if (root / ".complete").exists() and (root / ".wanted").exists() and (root / ".wanted").read_text() == wanted:
         return root
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise EnvError("needs Debian's apt-get and dpkg-deb")
@@ -149,6 +178,7 @@ def fetch(cache: Path) -> Path:
     (root / "boot" / "vmlinux-guest").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
     xen_gz = root / "boot" / f"xen-{XEN_VERSION}-amd64.gz"
     (root / "boot" / "xen").write_bytes(gzip.decompress(xen_gz.read_bytes()))
+    (root / ".wanted").write_text(wanted)
     (root / ".complete").write_text("\n".join(sorted(p.name for p in debs.glob("*.deb"))) + "\n")
     shutil.rmtree(debs)
     return root
@@ -297,24 +327,71 @@ def module_load_order(root: Path, wanted: list[str]) -> list[Path]:
     return order
 
 
-def build_guest_initramfs(root: Path) -> bytes:
-    cpio = Cpio()
-    base_layout(cpio, root, HERE / "guest-init.sh")
-    add_binaries(cpio, root, [f"/usr/bin/{t}" for t in XENSTORE_TOOLS])
-    return cpio.finish()
-
-
-def build_dom0_initramfs(root: Path, conf: dict[str, str], guests: list[str]) -> bytes:
-    cpio = Cpio()
-    base_layout(cpio, root, HERE / "dom0-init.sh")
-    add_binaries(cpio, root, DOM0_TOOLS + [f"/usr/bin/{t}" for t in XENSTORE_TOOLS])
-    mods = module_load_order(root, MODULES)
+def add_modules(cpio: Cpio, root: Path, wanted: list[str]) -> None:
+    """The modules and their dependencies, plus lib/modules/load.list in load order for /init."""
+    mods = module_load_order(root, wanted)
     for m in mods:
         cpio.copy(f"lib/modules/{m.name}", m)
     cpio.file("lib/modules/load.list", "".join(f"{m.name}\n" for m in mods).encode())
+
+
+def add_host_binaries(cpio: Cpio, tools: dict[str, str]) -> None:
+    """Copy the host's own programs (destination -> name on the host's PATH) with their libraries."""
+    paths: list[Path] = []
+    for dest, name in tools.items():
+        src = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+        if not src:
+            raise EnvError(f"--devices needs {name} on the host (the hotplug scripts run it in dom0)")
+        cpio.copy(dest, src)
+        paths.append(Path(src))
+    for soname, src in shared_libs(Path("/"), paths).items():
+        if soname == "ld-linux":
+            cpio.copy("/lib64/ld-linux-x86-64.so.2", src)
+        else:
+            cpio.copy(f"/lib/x86_64-linux-gnu/{soname}", src)
+
+
+def disk_image(label: str, size: int) -> bytes:
+    """Known content the guest checksums: every 512-byte sector names its disk and its number."""
+    return b"".join(f"XSVM {label} sector {i:08d} ".encode().ljust(512, b".") for i in range(size // 512))
+
+
+# The device run's disks: xvda from the start (read, written, kept across save/restore and reboot),
+# xvdb hot-plugged read-only (block-attach).  Small, because they live in dom0's RAM.
+DISKS = {"disk1": 4 << 20, "disk2": 1 << 20}
+
+
+def build_guest_initramfs(root: Path, devices: bool = False) -> bytes:
+    cpio = Cpio()
+    base_layout(cpio, root, HERE / "guest-init.sh")
+    add_binaries(cpio, root, [f"/usr/bin/{t}" for t in XENSTORE_TOOLS])
+    if devices:
+        add_modules(cpio, root, GUEST_DEVICE_MODULES)
+    return cpio.finish()
+
+
+def build_dom0_initramfs(root: Path, conf: dict[str, str], guests: list[str], devices: bool = False) -> bytes:
+    cpio = Cpio()
+    base_layout(cpio, root, HERE / "dom0-init.sh")
+    # xl save/restore run libxc's stream code in a helper process
+    tools = DOM0_TOOLS + ([f"{XEN_BIN}/libxl-save-helper"] if devices else [])
+    add_binaries(cpio, root, tools + [f"/usr/bin/{t}" for t in XENSTORE_TOOLS])
+    add_modules(cpio, root, MODULES + (DEVICE_MODULES if devices else []))
     conf = dict(conf, XSVM_GUESTS=" ".join(guests))
+    if devices:
+        # libxl runs the hotplug scripts from /etc/xen/scripts (XEN_SCRIPT_DIR) itself.
+        scripts = root / "etc" / "xen" / "scripts"
+        for f in sorted(scripts.iterdir()):
+            cpio.copy(f"etc/xen/scripts/{f.name}", f)
+        add_host_binaries(cpio, HOTPLUG_TOOLS)
+        # No syslog in dom0: the scripts' log() lines go to their stderr, xen-hotplug.log.
+        cpio.file("usr/bin/logger", LOGGER.encode(), 0o755)
+        for name, size in DISKS.items():
+            data = disk_image(name, size)
+            cpio.file(f"var/lib/xsvm/{name}.img", data)
+            conf[f"XSVM_{name.upper()}_SHA256"] = hashlib.sha256(data).hexdigest()
     cpio.file("etc/xsvm.conf", "".join(f"{k}='{v}'\n" for k, v in conf.items()).encode())
-    cpio.file("guest.cpio", build_guest_initramfs(root))
+    cpio.file("guest.cpio", build_guest_initramfs(root, devices))
     return cpio.finish()
 
 
@@ -366,7 +443,7 @@ def boot(qemu: str, root: Path, dom0_cpio: Path, timeout: float, console_log: Pa
 
     def reader() -> None:
         assert proc.stdout is not None
-        with open(console_log, "w") as out:
+        with open(console_log, "w", buffering=1) as out:  # line-buffered: follow it with tail -f
             for raw in proc.stdout:
                 t = time.monotonic() - start
                 text = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
@@ -410,7 +487,7 @@ VERDICT_RE = re.compile(r"^XSVM VERDICT (PASS|FAIL) ?(.*?) t=([\d.]+)$")
 
 
 def report(res: Result, console_log: Path, guests: list[str], daemon: str,
-           live_update: bool = False) -> tuple[bool, str]:
+           live_update: bool = False, devices: list[str] | None = None) -> tuple[bool, str]:
     rows: list[tuple[str, float, str, str]] = []
     for name, rx in MILESTONES:
         ln = next((ln for ln in res.lines if rx.search(ln.text)), None)
@@ -432,12 +509,16 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
         prev = t
     expected = ["xenstored", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
                                                   for s in ("guest-up", "watch-roundtrip", "destroy")]
+    if devices:
+        # The device guest ends with the shutdown stage when it runs, else with xl destroy.
+        expected = [s for s in expected if s != "pv-destroy" or "shutdown" not in devices] + devices
     if live_update:
         expected += ["live-update", "lu-socket", "lu-dom0-xenbus", "lu-guest-roundtrip"]
     missing = [s for s in expected if s not in stages]
     startup = stages.get("xenstored", ("", ""))[1]
+    what = f"guests={','.join(guests)}" + (f" devices={','.join(devices)}" if devices else "")
     if verdict and verdict[0] == "PASS" and not missing:
-        line = (f"XENVM PASS: daemon={daemon} guests={','.join(guests)} in {res.elapsed:.1f}s "
+        line = (f"XENVM PASS: daemon={daemon} {what} in {res.elapsed:.1f}s "
                 f"(verdict at {verdict[2]:.1f}s; {startup})")
         return True, line
     if verdict:
@@ -447,7 +528,7 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
     else:
         why = f"QEMU exited ({res.exit_code}) without a verdict; last stage: {rows[-1][0] if rows else 'none'}"
     print_excerpts(res)
-    return False, f"XENVM FAIL: daemon={daemon} guests={','.join(guests)}: {why} (console: {console_log})"
+    return False, f"XENVM FAIL: daemon={daemon} {what}: {why} (console: {console_log})"
 
 
 # Processes that crash for no reason of their own: under QEMU TCG (QEMU 7.2, Xen 4.17 PV dom0 on
@@ -456,7 +537,11 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
 # always while a guest is running.  Such a run says nothing about the daemon; it is retried.
 PLATFORM_RE = re.compile(
     r"segfault at [0-9a-f]+ ip|^Segmentation fault$|^Aborted$|^Illegal instruction$|"
-    r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]"
+    r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]|"
+    # glibc's heap checks (seen from processes the hotplug scripts start)
+    r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
+    r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)|"
+    r"^guest: \S+ \S+ killed by signal (4|6|7|11),|^XSVM PLATFORM .* killed by signal"
 )
 
 
@@ -492,8 +577,12 @@ def print_excerpts(res: Result) -> None:
 # ----------------------------------------------------------------------------- main
 def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Path = DEFAULT_CACHE,
         keep: bool = False, echo: bool = False, probe: str | None = None,
-        live_update: bool = False, retries: int = 2) -> tuple[str, str]:
-    """Boot and check; returns ("pass" | "fail" | "inconclusive", verdict line)."""
+        live_update: bool = False, retries: int = 2,
+        devices: list[str] | None = None) -> tuple[str, str]:
+    """Boot and check; returns ("pass" | "fail" | "inconclusive", verdict line).
+
+    ``devices``: the device and lifecycle stages to run with the (PV) guest, from DEVICE_STAGES.
+    """
     t0 = time.monotonic()
     qemu = ensure_qemu()
     root = fetch(cache)
@@ -509,18 +598,19 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
         "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
         "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
+        "XSVM_DEVICES": " ".join(devices or []),
     }
     work = Path(tempfile.mkdtemp(prefix="xenvm-"))
     try:
         dom0 = work / "dom0.cpio"
-        dom0.write_bytes(build_dom0_initramfs(root, conf, guests))
+        dom0.write_bytes(build_dom0_initramfs(root, conf, guests, bool(devices)))
         log(f"images built in {time.monotonic() - t0:.1f}s "
             f"(dom0 initramfs {dom0.stat().st_size >> 20} MiB); booting, timeout {timeout:.0f}s")
         console_log = work / "console.log"
         notes: list[str] = []
         for attempt in range(1, retries + 2):
             res = boot(qemu, root, dom0, timeout, console_log, echo)
-            ok, line = report(res, console_log, guests, daemon, live_update)
+            ok, line = report(res, console_log, guests, daemon, live_update, devices)
             crashes = platform_crashes(res)
             if ok or not crashes or attempt > retries:
                 break
@@ -551,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guests", default="pv,pvh", help="comma-separated: pv, pvh (default both)")
     p.add_argument("--daemon", choices=["ours", "c"], default="ours",
                    help="ours (python3 -m xenstored) or c (Debian's xenstored, as a control)")
-    p.add_argument("--timeout", type=float, default=float(os.environ.get("XS_XENVM_TIMEOUT", "300")))
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds for one boot (default $XS_XENVM_TIMEOUT, else 300; 600 with --devices)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--keep", action="store_true", help="keep the console log of a passing run too, with the daemon's log in it")
     p.add_argument("--echo", action="store_true", help="print the console as it arrives")
@@ -562,13 +653,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retries", type=int, default=int(os.environ.get("XS_XENVM_RETRIES", "2")),
                    help="boots to retry when a run fails because a process outside the daemon "
                         "crashed (QEMU TCG flakiness, see README); default 2")
+    p.add_argument("--devices", nargs="?", const="all", metavar="STAGES",
+                   help="device and lifecycle run with a PV guest: disk, vif, hotplug, save/restore, "
+                        f"reboot, shutdown; STAGES is a comma-separated subset of {','.join(DEVICE_STAGES)} "
+                        "(default all)")
     a = p.parse_args(argv)
     guests = [g for g in a.guests.split(",") if g]
     if any(g not in ("pv", "pvh") for g in guests):
         p.error("guests are pv and/or pvh")
+    devices: list[str] | None = None
+    if a.devices:
+        wanted = DEVICE_STAGES if a.devices == "all" else a.devices.split(",")
+        unknown = [s for s in wanted if s not in DEVICE_STAGES]
+        if unknown:
+            p.error(f"unknown device stages {unknown}: choose from {','.join(DEVICE_STAGES)}")
+        devices = [s for s in DEVICE_STAGES if s in wanted]  # always in run order
+        for s, need in DEVICE_NEEDS.items():
+            if s in devices and need not in devices:
+                p.error(f"device stage {s} needs {need}")
+        guests = ["pv"]  # the device run is about one PV guest's devices and lifecycle
+    timeout = a.timeout or float(os.environ.get("XS_XENVM_TIMEOUT") or (600 if devices else 300))
     try:
-        status, line = run(guests, a.daemon, a.timeout, a.cache, a.keep, a.echo, a.probe,
-                           a.live_update, a.retries)
+        status, line = run(guests, a.daemon, timeout, a.cache, a.keep, a.echo, a.probe,
+                           a.live_update, a.retries, devices)
     except EnvError as e:
         print(f"XENVM SKIP: {e}", flush=True)
         return 2
