@@ -178,6 +178,34 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
     roundtrip lu-guest-roundtrip
 }
 
+crash_restart() {  # kill -9 the daemon under a running guest; the same command brings it back
+    ta=$(now)
+    kill -9 $XSD_PID 2>/dev/null; wait $XSD_PID 2>/dev/null
+    kill $W 2>/dev/null  # dom0's watcher lost its socket connection with the daemon
+    host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
+    XSD_PID=$!
+    i=0; n=""
+    while [ $i -lt 600 ]; do
+        kill -0 $XSD_PID 2>/dev/null || break
+        n=$(timeout 2 xenstore-read /local/domain/0/name 2>/dev/null) && [ "$n" = Domain-0 ] && break
+        sleep 0.1; i=$((i + 1))
+    done
+    tb=$(now)
+    kill -0 $XSD_PID 2>/dev/null || { fail crash-restart "the restarted daemon died"; finish; }
+    rec=$(grep -o 'recovered from the journal.*' /run/xenstored.log | tail -1 | head -c 160)
+    [ "$n" = Domain-0 ] && ok crash-restart "$(awk "BEGIN{print $tb - $ta}")s: $rec" \
+        || { fail crash-restart "no answer after restart: $n"; return; }
+    ok cr-socket "name=$n"
+    n=$(XENSTORED_PATH=/dev/xen/xenbus timeout 10 xenstore-read /local/domain/0/name 2>&1)
+    [ "$n" = Domain-0 ] && ok cr-dom0-xenbus "kernel ring read name=$n" || fail cr-dom0-xenbus "$n"
+    xenstore-watch $dp/data >> /tmp/w-$g.log 2>&1 &
+    W=$!
+    sleep 0.5
+    roundtrip cr-guest-roundtrip  # the guest's kernel xenbus and its watch, across the crash
+    timeout 30 xl list > /tmp/xl-list.log 2>&1 && grep -q "$name" /tmp/xl-list.log \
+        && ok cr-xl-list "$(grep -c . /tmp/xl-list.log) lines" || { cat /tmp/xl-list.log; fail cr-xl-list "xl list"; }
+}
+
 # ----------------------------------------------------------------------------- the device run
 # --devices: the PV guest gets a disk (xvda: a file, through libxl's `block` hotplug script, a
 # loop device and xen-blkback) and a vif on xenbr0 (xen-netback, `vif-bridge`), and goes through
@@ -543,6 +571,7 @@ run_guest() {  # run_guest pv|pvh
     fi
     if [ -z "$FAILED" ] && [ -n "$XSVM_LIVE_UPDATE" ] && [ "$g" = "${XSVM_GUESTS%% *}" ]; then
         live_update
+        [ -z "$FAILED" ] && [ "$XSVM_DAEMON" = ours ] && crash_restart
     fi
     kill $W 2>/dev/null
     if [ -z "$FAILED" ] && [ -n "$XSVM_DEVICES" ]; then

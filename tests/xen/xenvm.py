@@ -514,6 +514,8 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
         expected = [s for s in expected if s != "pv-destroy" or "shutdown" not in devices] + devices
     if live_update:
         expected += ["live-update", "lu-socket", "lu-dom0-xenbus", "lu-guest-roundtrip"]
+        if daemon == "ours":  # C cannot survive its own death: the crash stages are ours only
+            expected += ["crash-restart", "cr-socket", "cr-dom0-xenbus", "cr-guest-roundtrip", "cr-xl-list"]
     missing = [s for s in expected if s not in stages]
     startup = stages.get("xenstored", ("", ""))[1]
     what = f"guests={','.join(guests)}" + (f" devices={','.join(devices)}" if devices else "")
