@@ -249,7 +249,11 @@ class Core:
         domains and connections, nothing kept between two looks."""
         store = self.store
         owned, owned_bytes = store.owned, store.owned_bytes
-        doms = {d: DomainState(nodes=owned.get(d, 0), memory=owned_bytes.get(d, 0)) for d in self.domains}
+        closed = self.metrics.closed_requests
+        doms = {
+            d: DomainState(requests=closed.get(d, 0), nodes=owned.get(d, 0), memory=owned_bytes.get(d, 0))
+            for d in self.domains
+        }
         state = State(domains=doms, refusals=dict(self.refusals.counts))
         state.rings = sum(1 for dom in self.domains.values() if dom.ring is not None)
         watch_count = self.watches.count_of
@@ -257,6 +261,7 @@ class Core:
             s = doms.get(conn.domid)
             if s is None:
                 s = doms[conn.domid] = DomainState()
+            s.requests += conn.requests
             if conn.is_socket:
                 state.socket_connections += 1
             else:
@@ -314,6 +319,7 @@ class Core:
         self.remove_all_watches(conn)
         conn.close()
         self.connections.pop(conn.id, None)
+        self.metrics.connection_closed(conn.domid, conn.requests)
         if self._tracer is not None:
             self._tracer.connection(conn, False)
 
