@@ -301,3 +301,20 @@ def test_config_keys_and_options(tmp_path) -> None:
 
     cfg, _ = config_from_args(["--metrics-file", "m.prom", "--metrics-interval", "5"])
     assert cfg.metrics_file == os.path.abspath("m.prom") and cfg.metrics_interval == 5.0
+
+
+def test_an_unwritable_metrics_file_is_logged_once_and_the_daemon_serves_on() -> None:
+    d = start_daemon("--metrics-file", "/nonexistent-dir/xenstored.prom", "--metrics-interval", "1")
+    try:
+        with SyncClient(d.socket) as c:
+            deadline = time.monotonic() + 5
+            while "metrics: cannot write" not in d.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.5)  # another attempt has failed meanwhile
+            c.write("/tool/still", "serving")
+            assert c.read("/tool/still") == b"serving"
+        assert d.log().count("metrics: cannot write") == 1, d.log()
+    finally:
+        rc = stop_daemon_process(d.proc)
+        shutil.rmtree(d.rundir, ignore_errors=True)
+    assert rc == 0

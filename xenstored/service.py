@@ -362,10 +362,10 @@ class Service:
         since: list[list[int]] | None = None
         failing = False
         while True:
-            now = core.metrics.latency_copy()
-            text = metrics.prometheus(core.metrics, core.metrics_state(), since)
-            since = now
             try:
+                now = core.metrics.latency_copy()
+                text = metrics.prometheus(core.metrics, core.metrics_state(), since)
+                since = now
                 await trio.to_thread.run_sync(_atomic_write, path, [text.encode()], False)
                 if failing:
                     log.warning("metrics: %s written again", path)
@@ -374,6 +374,9 @@ class Service:
                 if not failing:  # once per outage, not every interval
                     log.error("metrics: cannot write %s: %s (retrying every %.0f s)", path, e, interval)
                 failing = True
+            except Exception:
+                # Never die of the metrics: a bug here costs the file's freshness, not the store.
+                log.exception("metrics: cannot build %s; serving on, retried in %.0f s", path, interval)
             await trio.sleep(interval)
 
     # ------------------------------------------------------------------------- live update
