@@ -318,3 +318,15 @@ def test_an_unwritable_metrics_file_is_logged_once_and_the_daemon_serves_on() ->
         rc = stop_daemon_process(d.proc)
         shutil.rmtree(d.rundir, ignore_errors=True)
     assert rc == 0
+
+
+def test_sample_values_keep_their_precision() -> None:
+    """A Unix time keeps its digits (%g would round it to 1.79641921e+09), durations lose only
+    what is below a nanosecond."""
+    m = metrics.Metrics()
+    m.started = 1796419206.127
+    m.observe(Op.READ, 391_905)
+    text = metrics.prometheus(m, metrics.State())
+    assert "xenstored_start_time_seconds 1796419206.127\n" in text
+    assert re.search(r'^xenstored_request_duration_seconds\{op="READ",quantile="0.5"\} 0\.000\d+$', text, re.MULTILINE)
+    assert 'xenstored_request_duration_seconds_count{op="READ"} 1\n' in text

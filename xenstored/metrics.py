@@ -223,7 +223,7 @@ def _num(v: float) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "NaN"
-        return f"{v:.9g}"  # nanosecond resolution in seconds, without binary float tails
+        return repr(round(v, 9))  # nanoseconds in seconds, without binary float tails
     return str(v)
 
 
