@@ -267,7 +267,7 @@ def test_dispatch_counts_requests_errors_and_latency() -> None:
     dispatch(core, conn, Message(0xFFFF, 4, 0, b""))
     lat = core.metrics.latency
     assert sum(lat[Op.WRITE]) == 1 and sum(lat[Op.READ]) == 2 and sum(lat[metrics.UNKNOWN_OP]) == 1
-    assert core.metrics.errors == {(0, "ENOENT"): 1, (0, "ENOSYS"): 1}
+    assert core.metrics.error_counts() == {(0, "ENOENT"): 1, (0, "ENOSYS"): 1}
     other = core.new_connection()
     tx = int(_reply(core, conn, Message(Op.TRANSACTION_START, 5, 0, b"\0")).rstrip(b"\0"))
     dispatch(core, conn, Message(Op.READ, 6, tx, b"/tool/a\0"))
