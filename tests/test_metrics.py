@@ -258,7 +258,8 @@ def test_histogram_percentiles() -> None:
 
 def test_dispatch_counts_requests_errors_and_latency() -> None:
     """In-process: each request lands in its op's histogram, errors by name, unknown op codes
-    in their own slot; a commit conflict and a commit are counted."""
+    in their own slot; a commit conflict, a commit and a transaction lost in a restart are
+    counted."""
     core = Core()
     conn = core.new_connection()
     dispatch(core, conn, Message(Op.WRITE, 1, 0, b"/tool/a\0v"))
@@ -278,9 +279,15 @@ def test_dispatch_counts_requests_errors_and_latency() -> None:
     tx = int(_reply(core, conn, Message(Op.TRANSACTION_START, 10, 0, b"\0")).rstrip(b"\0"))
     dispatch(core, conn, Message(Op.TRANSACTION_END, 11, tx, b"T\0"))
     assert core.metrics.committed == {0: 1}
+    # A transaction a previous daemon process had open (recovery marks its id lost).
+    conn.lost_transactions.add(77)
+    dispatch(core, conn, Message(Op.READ, 12, 77, b"/tool/a\0"))
+    assert core.metrics.lost == {0: 1}
     text = metrics.prometheus(core.metrics, core.metrics_state())
     samples = parse(text)
-    assert value(samples, "xenstored_errors_total", domid=0, error="EAGAIN") == 1
+    assert value(samples, "xenstored_errors_total", domid=0, error="EAGAIN") == 2
+    assert value(samples, "xenstored_transactions_lost_total", domid=0) == 1
+    assert value(samples, "xenstored_transaction_conflicts_total", domid=0) == 1
     assert value(samples, "xenstored_request_duration_seconds_count", op="unknown") == 1
 
 
