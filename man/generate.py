@@ -6,6 +6,8 @@
 * ``xenstored.conf(5)``: every key of ``xenstored.config.KEYS`` with the default the code
   really uses (``Config()`` and ``quota.DEFAULTS``), the oxenstored spellings (keys that set
   the same thing as an earlier key) and ``IGNORED_KEYS``;
+* ``xenstored(8)``'s METRICS section: every metric of ``xenstored.metrics.METRICS``, with its
+  type, labels and help text (the same text the metrics file's HELP lines carry);
 * ``xenstore-guest(1)``: the options of ``xenstored.guest.main``'s parser and its operations.
 
 The prose lives here, keyed by option ``dest`` and config key.  Generation fails when the code
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from xenstored import cli, config, control, guest, quota
+from xenstored import cli, config, control, guest, metrics, quota
 
 PAGES = ("xenstored.8", "xenstored.conf.5", "xenstore-guest.1")
 
@@ -152,6 +154,8 @@ METAVARS = {
     "persistent_interval": "SECONDS",
     "journal_dir": "DIR",
     "journal_sync": "POLICY",
+    "metrics_file": "FILE",
+    "metrics_interval": "SECONDS",
     "fakexen_dir": "DIR",
     "timeout": "SECONDS",
     "port": "PORT",
@@ -284,6 +288,12 @@ XENSTORED_OPTIONS = {
         "0 (or 1 with the reason). A live update runs this first and refuses a binary that fails."
     ),
         "no_journal": "No journal: a crash or B<kill -9> loses the whole store, as with the C daemon.",
+    "metrics_file": (
+        "Write the metrics (see B<METRICS>) in the Prometheus text format to I<FILE> every "
+        "B<--metrics-interval> seconds, for node_exporter's textfile collector: give a path "
+        "ending in B<.prom> in its B<--collector.textfile.directory>. Default: none (off)."
+    ),
+    "metrics_interval": "Seconds between two writes of B<--metrics-file>; at least 1. Default 15.",
 }
 
 ENVIRONMENT = {
@@ -407,6 +417,7 @@ def xenstored_page(version: str) -> str:
         "in the background once it passes B<journal-snapshot-bytes>. B<--persistent> turns the "
         "journal off (its snapshots replace it)."
     )
+    metrics_section(pg)
     pg.sh("CONTROL COMMANDS")
     pg.p("B<xenstore-control> I<COMMAND> (the real one, from Xen's utilities) sends these:")
     for name, (_fn, synopsis) in control.COMMANDS.items():
@@ -453,6 +464,32 @@ def xenstored_page(version: str) -> str:
     return pg.text()
 
 
+def metrics_section(pg: Page) -> None:
+    """METRICS: every entry of xenstored.metrics.METRICS, so the page lists what the file has."""
+    pg.sh("METRICS")
+    pg.p(
+        "The daemon counts what it does, with no other process: B<xenstore-control stats> "
+        "shows it as text (the daemon, its latency per operation and its busiest domains; "
+        "B<stats> I<DOMID> one domain in full), and with B<--metrics-file> it is written in the "
+        "Prometheus text format every B<--metrics-interval> seconds, to a temporary file "
+        "renamed over the old one (a scrape never sees half a file), for node_exporter's "
+        "textfile collector. Counters start at zero when the daemon starts, restarts or is "
+        "live-updated (B<xenstored_start_time_seconds> says when); a domain's series end when "
+        "it is released. Socket clients count for the privileged domain. Latency is kept in a "
+        "fixed histogram per operation, four buckets per power of two (a quantile is "
+        "interpolated inside its bucket, so it is off by less than a quarter); it is the time from reading the "
+        "request to queueing its reply, not the client's round trip. The metrics are:"
+    )
+    for m in metrics.METRICS:
+        labels = f" {{{','.join(m.labels)}}}" if m.labels else ""
+        pg.tp(f"{bold(m.name)}{esc(labels)} ({italic(m.type)})", m.help)
+    pg.example(
+        "# node_exporter --collector.textfile.directory=/var/lib/prometheus/node-exporter\n"
+        "xenstored --metrics-file /var/lib/prometheus/node-exporter/xenstored.prom\n"
+        "xenstore-control stats 5      # domain 5's counters"
+    )
+
+
 SEE_ALSO = [("xenstored.conf", 5), ("xenstore-guest", 1), ("xenstore-read", 1), ("xenstore-ls", 1), ("xl", 1)]
 
 CONTROL_DOCS = {
@@ -465,6 +502,8 @@ CONTROL_DOCS = {
     "memreport": "Report the daemon's memory use, to I<file> if given.",
     "quota-soft": "Show or set the soft quotas (only memory).",
     "live-update": "Replace the daemon by a new binary (see B<LIVE UPDATE>).",
+    "stats": "Show the metrics (see B<METRICS>): the daemon's totals, latency per operation and "
+    "its busiest domains, or everything about domain I<domid>.",
 }
 
 
@@ -574,6 +613,10 @@ KEY_DOCS = {
     "access-log-read-ops": "Also log read requests.",
     "access-log-transactions-ops": "Also log transaction start and end.",
     "access-log-special-ops": "Also log requests on special paths (B<@introduceDomain>, ...).",
+    "metrics-file": "Write the metrics in the Prometheus text format to this file for "
+    "node_exporter's textfile collector (B<--metrics-file>; see B<xenstored>(8), METRICS). An "
+    "absolute path ending in B<.prom>. Default: none (not written).",
+    "metrics-interval": "Seconds between two writes of B<metrics-file> (at least 1).",
     "quota-activate": "B<false> switches every quota off (oxenstored's switch). Default: true.",
 }
 

@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "xenstored"
 LAYERS: list[tuple[str, list[str]]] = [
     ("protocol", ["wire", "paths", "perms", "ring", "fxtable", "hypervisor.xen_abi"]),
     ("state", ["store", "transactions", "watches", "quota", "config"]),
-    ("daemon", ["connection", "core", "domains", "control", "ops"]),
+    ("daemon", ["connection", "metrics", "core", "domains", "control", "ops"]),
     ("edge", ["hypervisor.base", "hypervisor.emulated", "hypervisor.xen", "hypervisor", "journal", "ringpump", "server"]),
     ("process", ["logs", "migration", "recovery", "service", "cli", "__main__"]),
 ]

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal-dir", help="where the write-ahead journal lives (default <rundir>/journal)")
     p.add_argument("--journal-sync", choices=("always", "batch", "none"), help="fdatasync policy (default none)")
     p.add_argument("--no-journal", action="store_true", help="no journal: a crash loses the store, as with C")
+    p.add_argument("--metrics-file", help="write Prometheus metrics to this file (node_exporter textfile)")
+    p.add_argument("--metrics-interval", type=float, help="seconds between writes of --metrics-file (default 15)")
     p.add_argument(
         "--check-live-update",
         metavar="FILE",
@@ -132,6 +134,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
         "journal_dir": os.path.abspath(args.journal_dir) if args.journal_dir else None,
         "journal_sync": args.journal_sync,
         "journal": False if args.no_journal else None,
+        "metrics_file": os.path.abspath(args.metrics_file) if args.metrics_file else None,
+        "metrics_interval": args.metrics_interval,
     }
     for name, value in overrides.items():
         if value is not None:

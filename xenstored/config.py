@@ -58,6 +58,10 @@ class Config:
     access_log_reads: bool = False
     access_log_transactions: bool = False
     access_log_special: bool = False
+    # The Prometheus text file for node_exporter's textfile collector (None: not written), and
+    # seconds between two writes of it (values below 1 are taken as 1).
+    metrics_file: str | None = None
+    metrics_interval: float = 15.0
 
     @property
     def socket(self) -> str:
@@ -186,6 +190,8 @@ KEYS = {
     "ring-scan-interval": _attr("ring_scan_interval", _seconds),
     "perms-activate": _attr("perms_activate", _bool),
     "perms-watch-activate": _attr("perms_watch_activate", _bool),
+    "metrics-file": _attr("metrics_file", str),
+    "metrics-interval": _attr("metrics_interval", _seconds),
     "access-log-file": _attr("access_log_file", str),
     "access-log-nb-files": _attr("access_log_files", _uint),
     "access-log-nb-lines": _attr("access_log_lines", _uint),

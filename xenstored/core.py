@@ -15,6 +15,7 @@ from typing import Protocol, TextIO
 from . import paths, perms
 from .config import Config
 from .connection import Connection
+from .metrics import DomainState, Metrics, State
 from .paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
 from .perms import Perm, Perms
 from .quota import Quotas, RefusalLog
@@ -115,6 +116,7 @@ class Core:
         self.live_view = LiveView(self.store)
         self.watches = WatchRegistry()
         self.refusals = RefusalLog()
+        self.metrics = Metrics()  # counters the dispatcher bumps; gauges come from metrics_state
         self.domains: dict[int, Domain] = {}
         self.connections: dict[int, Connection] = {}
         self.priv_domid = self.config.priv_domid
@@ -173,6 +175,8 @@ class Core:
     def forget_domain(self, domid: int) -> None:
         if self.domains.pop(domid, None) is not None and self.journal is not None:
             self.journal.domain_gone(domid)
+        self.metrics.forget(domid)
+        self.refusals.forget(domid)
 
     def settings_changed(self) -> None:
         """Global quotas or a special path's permissions changed."""
@@ -240,6 +244,35 @@ class Core:
         pending = sum(t.mem for t in conn.transactions.values())
         return self.store.owned_bytes.get(conn.domid, 0) + self.watches.bytes.get(conn, 0) + conn.out_bytes + pending
 
+    def metrics_state(self) -> State:
+        """The gauges at this moment (xenstore-control stats, the metrics file): one pass over
+        domains and connections, nothing kept between two looks."""
+        store = self.store
+        owned, owned_bytes = store.owned, store.owned_bytes
+        closed = self.metrics.closed_requests
+        doms = {
+            d: DomainState(requests=closed.get(d, 0), nodes=owned.get(d, 0), memory=owned_bytes.get(d, 0))
+            for d in self.domains
+        }
+        state = State(domains=doms, refusals=dict(self.refusals.counts))
+        state.rings = sum(1 for dom in self.domains.values() if dom.ring is not None)
+        watch_count = self.watches.count_of
+        for conn in self.connections.values():
+            s = doms.get(conn.domid)
+            if s is None:
+                s = doms[conn.domid] = DomainState()
+            s.requests += conn.requests
+            if conn.is_socket:
+                state.socket_connections += 1
+            else:
+                state.ring_connections += 1
+                s.memory = self.memory_usage(conn)  # what the memory quota charges a ring domain
+            s.watches += watch_count(conn)
+            s.transactions += len(conn.transactions)
+            s.queued_bytes += conn.out_bytes
+            s.queued_events += len(conn._event_times)  # unread events of unprivileged domains
+        return state
+
     def note_domains(self, node_perms: Perms) -> None:
         """Give every live domain named in a permission list a record (XSA-417): when it dies,
         the death scan then strips its entries before a new domain can reuse the id."""
@@ -286,6 +319,7 @@ class Core:
         self.remove_all_watches(conn)
         conn.close()
         self.connections.pop(conn.id, None)
+        self.metrics.connection_closed(conn.domid, conn.requests)
         if self._tracer is not None:
             self._tracer.connection(conn, False)
 

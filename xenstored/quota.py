@@ -100,6 +100,8 @@ class RefusalLog:
         self._last: dict[tuple[int, str], float] = {}
         self.count = 0
         self.suppressed = 0
+        # (domid, quota name) -> refusals, for the metrics (xenstored_quota_refusals_total).
+        self.counts: dict[tuple[int, str], int] = {}
 
     def warn_soft(self, domid: int, limit: int, value: int) -> None:
         """Soft memory quota: a warning only, rate-limited like refusals."""
@@ -113,8 +115,9 @@ class RefusalLog:
 
     def refuse(self, domid: int, name: str, limit: int, value: int, what: str = "") -> None:
         self.count += 1
-        now = self._clock()  # type: ignore[operator]
         key = (domid, name)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        now = self._clock()  # type: ignore[operator]
         last = self._last.get(key)
         if last is not None and now - last < LOG_INTERVAL:
             self.suppressed += 1
@@ -130,6 +133,11 @@ class RefusalLog:
             value,
             f": {what}" if what else "",
         )
+
+    def forget(self, domid: int) -> None:
+        """A domain is gone: its refusal counts go with it (see metrics.Metrics.forget)."""
+        for key in [k for k in self.counts if k[0] == domid]:
+            del self.counts[key]
 
 
 def exceeds(limit: int, value: int) -> bool:
