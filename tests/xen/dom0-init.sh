@@ -180,16 +180,8 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
 
 crash_restart() {  # kill -9 the daemon under a running guest; the same command brings it back
     ta=$(now)
-    kill -9 $XSD_PID 2>/dev/null; wait $XSD_PID 2>/dev/null
+    restart_daemon; n=$(timeout 5 xenstore-read /local/domain/0/name 2>&1)
     kill $W 2>/dev/null  # dom0's watcher lost its socket connection with the daemon
-    host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
-    XSD_PID=$!
-    i=0; n=""
-    while [ $i -lt 600 ]; do
-        kill -0 $XSD_PID 2>/dev/null || break
-        n=$(timeout 2 xenstore-read /local/domain/0/name 2>/dev/null) && [ "$n" = Domain-0 ] && break
-        sleep 0.1; i=$((i + 1))
-    done
     tb=$(now)
     kill -0 $XSD_PID 2>/dev/null || { fail crash-restart "the restarted daemon died"; finish; }
     rec=$(grep -o 'recovered from the journal.*' /run/xenstored.log | tail -1 | head -c 160)
@@ -204,6 +196,38 @@ crash_restart() {  # kill -9 the daemon under a running guest; the same command 
     roundtrip cr-guest-roundtrip  # the guest's kernel xenbus and its watch, across the crash
     timeout 30 xl list > /tmp/xl-list.log 2>&1 && grep -q "$name" /tmp/xl-list.log \
         && ok cr-xl-list "$(grep -c . /tmp/xl-list.log) lines" || { cat /tmp/xl-list.log; fail cr-xl-list "xl list"; }
+}
+
+restart_daemon() {  # kill -9 the daemon, run the same command again, wait until it answers
+    kill -9 $XSD_PID 2>/dev/null; wait $XSD_PID 2>/dev/null
+    host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
+    XSD_PID=$!
+    i=0; n=""
+    while [ $i -lt 600 ]; do
+        kill -0 $XSD_PID 2>/dev/null || return 1
+        n=$(timeout 2 xenstore-read /local/domain/0/name 2>/dev/null) && [ "$n" = Domain-0 ] && return 0
+        sleep 0.1; i=$((i + 1))
+    done
+    return 1
+}
+
+stage_crash_devices() {  # the device run's crash-restart: disk and vif connected, daemon killed
+    if [ "$XSVM_DAEMON" != ours ]; then
+        ok crash-restart "not run: C xenstored cannot survive its own death (the control run)"; return
+    fi
+    gcmd 60 'sha256sum /dev/xvda'; before=${GOUT%% *}  # vbd-write changed the disk: now, then
+    ta=$(now)
+    restart_daemon || { dfail crash-restart "the restarted daemon did not answer"; GUEST_LOST=1; return; }
+    tr=$(since $ta)
+    gcmd 60 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/xvda'; rc=$?  # the guest's xenbus, then blkfront
+    sum=${GOUT%% *}
+    guest_ping; prc=$?
+    info="vbd backend $(be_state vbd $VBD_A) frontend $(fe_state vbd $VBD_A), vif backend $(be_state vif 0) frontend $(fe_state vif 0)"
+    if [ $rc = 0 ] && [ -n "$before" ] && [ "$sum" = "$before" ] && [ $prc = 0 ] && [ "$(be_state vbd $VBD_A)" = 4 ] && [ "$(be_state vif 0)" = 4 ]; then
+        ok crash-restart "answering ${tr}s after kill -9; the guest's xenbus, disk and vif work; $info"
+    else
+        dfail crash-restart "xvda exit $rc ($sum, before $before), ping exit $prc; $info"
+    fi
 }
 
 # ----------------------------------------------------------------------------- the device run
@@ -503,6 +527,7 @@ run_devices() {
             vbd-read) stage_vbd_read ;;
             vbd-write) stage_vbd_write ;;
             vif-ping) stage_vif_ping ;;
+            crash-restart) stage_crash_devices ;;
             block-attach) stage_block_attach ;;
             block-detach) detach block-detach vbd $VBD_B block-detach $name xvdb ;;
             network-detach) detach network-detach vif 0 network-detach $name 0 ;;

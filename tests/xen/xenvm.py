@@ -92,10 +92,10 @@ while [ $# -gt 0 ]; do case $1 in --) shift; break ;; -p|-t) shift 2 ;; -*) shif
 echo "$(date +%T) $*" >&2
 """
 # The device run's stages, in the order they run (see tests/xen/README.md); CI runs DEVICE_CI.
-DEVICE_STAGES = ["vbd-read", "vbd-write", "vif-ping", "block-attach", "block-detach", "save", "restore",
+DEVICE_STAGES = ["vbd-read", "vbd-write", "vif-ping", "crash-restart", "block-attach", "block-detach", "save", "restore",
                  "reboot", "network-detach", "shutdown"]
 # What CI runs (within its time budget): the stages that matter most; README says how to run all.
-DEVICE_CI = ["vbd-read", "vbd-write", "vif-ping", "block-attach", "block-detach", "save", "restore",
+DEVICE_CI = ["vbd-read", "vbd-write", "vif-ping", "crash-restart", "block-attach", "block-detach", "save", "restore",
              "shutdown"]
 # Stages that need another one first (their own stage is skipped, and reported, without it).
 DEVICE_NEEDS = {"block-detach": "block-attach", "restore": "save"}
