@@ -119,11 +119,12 @@ class Store:
         self._perm_ids: dict[Perms, int] = {}
         self._perm_lists: list[Perms] = []
         # Latest records by permission list (id -> keys): which nodes name a domain, found from
-        # the few distinct lists instead of a walk of the whole tree (a domain's death).
+        # the few distinct lists instead of a walk of the whole tree (a domain's death).  Only
+        # lists naming a domain other than 0 are tracked: dom0's own nodes (most of a big store)
+        # cost no memory here, and dom0 is never released.
         self._users: dict[int, set[str]] = {}
         root = Node(b"", owner_only(0), 0, 0)
         self._versions[_key(ROOT)] = self._pack(root)
-        self._users[0] = {_key(ROOT)}  # "/\0": never in the index, no directory lists it
         self.owned[0] = 1
         self.owned_bytes[0] = node_bytes(ROOT, root)
 
@@ -137,6 +138,8 @@ class Store:
             pid = len(self._perm_lists)
             self._perm_ids[node_perms] = pid
             self._perm_lists.append(node_perms)
+            if any(p.domid for p in node_perms):
+                self._users[pid] = set()
         return pid
 
     def _pack(self, node: Node) -> Record:
@@ -374,7 +377,9 @@ class Store:
                     continue
             if cur is not None:
                 self._charge(path, cur, -1)
-                self._users[_REC.unpack_from(cur)[2]].discard(key)
+                tracked = self._users.get(_REC.unpack_from(cur)[2])
+                if tracked is not None:
+                    tracked.discard(key)
             if new is None:
                 if path != ROOT:
                     touched_parents.add(parent(path))
@@ -388,7 +393,9 @@ class Store:
             else:
                 cgen = _REC.unpack_from(cur)[1]
             pid = self._perm_id(node_perms)
-            self._users.setdefault(pid, set()).add(key)
+            tracked = self._users.get(pid)
+            if tracked is not None:
+                tracked.add(key)
             rec = _REC.pack(gen, cgen, pid) + new.value
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
@@ -435,7 +442,9 @@ class Store:
         rec = _REC.pack(gen, gen, pid) + value
         self._charge(path, rec, +1)
         key = _key(path)
-        self._users.setdefault(pid, set()).add(key)
+        tracked = self._users.get(pid)
+        if tracked is not None:
+            tracked.add(key)
         self._put_record(key, rec, gen)
         self._child_list_changed(parent_key, gen)
         self.gen = gen
@@ -459,7 +468,9 @@ class Store:
                 continue
             pid = _REC.unpack_from(rec)[2]
             removed.append((p, perm_lists[pid]))
-            self._users[pid].discard(key)
+            tracked = self._users.get(pid)
+            if tracked is not None:
+                tracked.discard(key)
             if self.log is not None:
                 self.log.removed(p)
             stack.extend(join(p, n) for n in reversed(self.child_names(p)))
@@ -522,9 +533,12 @@ class Store:
                 owned[o] = owned.get(o, 0) + 1
                 owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(value), node_perms)
         root_key = _key(ROOT)
-        users: dict[int, set[str]] = {}
+        users: dict[int, set[str]] = {pid: set() for pid in self._users}
+        pids_of = _REC.unpack_from
         for key, rec in versions.items():
-            users.setdefault(_REC.unpack_from(rec)[2], set()).add(key)  # type: ignore[arg-type]
+            tracked = users.get(pids_of(rec)[2])  # type: ignore[arg-type]
+            if tracked is not None:
+                tracked.add(key)
         self._users = users
         self._versions = versions
         keys = list(versions)
@@ -538,6 +552,8 @@ class Store:
     def naming(self, domid: int) -> list[str]:
         """Live paths whose permission list names ``domid`` (as owner or otherwise): O(distinct
         permission lists + the answer), whatever the size of the store."""
+        if domid == 0:  # not tracked (see _users): the walk, for the one domain never released
+            return [p for p in self.walk() if any(e.domid == 0 for e in self._latest_perms(p))]
         out: list[str] = []
         users = self._users
         for pid, node_perms in enumerate(self._perm_lists):
@@ -545,6 +561,10 @@ class Store:
             if keys and any(p.domid == domid for p in node_perms):
                 out.extend(_path(k) for k in keys)
         return out
+
+    def _latest_perms(self, path: str) -> Perms:
+        node = self.get(path)
+        return node.perms if node is not None else ()
 
     def audit(self) -> tuple[dict[int, int], dict[int, int], list[str]]:
         """Recount every live node from the table itself: nodes and bytes per owner, and the
