@@ -75,12 +75,15 @@ ok modules "xsd_port=$(cat /proc/xen/xsd_port)"
 # guest kernel is read from the package cache
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,ro host /host \
     || { fail share "mount 9p"; finish; }
-for d in dev proc sys run tmp; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
+# Not /tmp: the checkout under test may live there (CI's clone), and it must stay visible.  The
+# chrooted daemon gets a writable temporary directory under /run instead (TMPDIR below).
+for d in dev proc sys run; do mount -o rbind "/$d" "/host/$d" || fail share "bind /$d"; done
+mkdir -p /run/xsvm-tmp
 ok share ""
 : > /etc/xen/xl.conf
 
 host_python() {  # the host's interpreter and this checkout, chrooted into the read-only share
-    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" \
+    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
         PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
 }
 if [ -n "$XSVM_PROBE" ]; then  # --probe FILE: a diagnostic script, run before the daemon starts
