@@ -28,17 +28,10 @@ import time
 from xenstored import guest as guestlib
 from xenstored.wire import Op
 
-from .proto import Client, frame, hv_control, rss_bytes, z
+from .proto import Client, cpu_seconds, frame, hv_control, rss_bytes, z
 from .workloads import seq_us
 
 READ, WRITE, INTRODUCE, SET_PERMS = Op.READ, Op.WRITE, Op.INTRODUCE, Op.SET_PERMS
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def start(rundir: str, *extra: str) -> subprocess.Popen[bytes]:

@@ -153,25 +153,9 @@ class _RingBase:
         Raises RingError(RINGIDX) and flags the page when the peer's indexes are inconsistent:
         copying garbage would desynchronise the framing silently instead.
         """
-        w = self._words
-        cons = w[self._in_cons]
-        prod = w[self._in_prod]
-        avail = (prod - cons) & _MASK
-        if avail > RING_SIZE:
-            self._fail(f"input prod {prod} cons {cons}")
-        if limit is not None and avail > limit:
-            avail = max(limit, 0)
-        if not avail:
-            return b""
-        mem = self._mem
-        base = self._in_off
-        off = cons & (RING_SIZE - 1)
-        end = off + avail
-        if end <= RING_SIZE:
-            data = mem[base + off : base + end].tobytes()
-        else:
-            data = mem[base + off : base + RING_SIZE].tobytes() + mem[base : base + end - RING_SIZE].tobytes()
-        w[self._in_cons] = (cons + avail) & _MASK
+        data = self.peek(limit)
+        if data:
+            self.advance(len(data))
         return data
 
     def peek(self, limit: int | None = None) -> bytes:
