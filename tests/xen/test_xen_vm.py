@@ -45,11 +45,13 @@ def _xenvm(capsys: pytest.CaptureFixture[str], *args: str) -> None:
 
 
 def test_real_xen_pv_pvh_guests_and_live_update(capsys: pytest.CaptureFixture[str]) -> None:
-    _xenvm(capsys, "--guests", "pv,pvh", "--live-update")
+    # The daemon as a Debian host installs it: the built package on Debian's python3 and trio.
+    _xenvm(capsys, "--guests", "pv,pvh", "--live-update", "--from-deb")
 
 
 def test_real_xen_pv_guest_devices(capsys: pytest.CaptureFixture[str]) -> None:
     """Disk and vif backends with Xen's hotplug scripts, hotplug, save/restore: the stages in
     DEVICE_CI (XS_XENVM_DEVICES=all, or a comma-separated list, picks others; see README)."""
     # One retry only (not 2): a device boot takes 3-4 minutes, CI's whole xenvm step has 6.
-    _xenvm(capsys, "--devices", os.environ.get("XS_XENVM_DEVICES") or ",".join(DEVICE_CI), "--retries", "1")
+    _xenvm(capsys, "--devices", os.environ.get("XS_XENVM_DEVICES") or ",".join(DEVICE_CI), "--retries", "1",
+           "--from-deb")

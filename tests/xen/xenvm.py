@@ -395,6 +395,32 @@ def build_dom0_initramfs(root: Path, conf: dict[str, str], guests: list[str], de
     return cpio.finish()
 
 
+def install_from_deb(cache: Path) -> tuple[str, str]:
+    """Build this checkout's Debian package (.ci/deb-build.sh), unpack it, and make sure Debian's
+    own python3-trio and python3-sortedcontainers are installed, as the package depends: dom0
+    then runs the daemon the way a Debian host installs it (Debian's /usr/bin/python3, the
+    package's files), not the checkout.  Returns the interpreter and its PYTHONPATH."""
+    out = cache / "deb"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    build = subprocess.run(["bash", str(REPO / ".ci" / "deb-build.sh"), str(out)], check=False,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    debs = sorted(out.glob("xenstored-py_*.deb"))
+    if build.returncode != 0 or not debs:
+        raise EnvError(f"cannot build the package: {build.stdout[-2000:]}")
+    root = out / "root"
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(root)], check=True)
+    python = "/usr/bin/python3"
+    probe = [python, "-I", "-c", "import trio, sortedcontainers"]
+    if subprocess.run(probe, check=False, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3-trio",
+                        "python3-sortedcontainers"], check=True, stdout=subprocess.DEVNULL)
+    dist = root / "usr" / "lib" / "python3" / "dist-packages"
+    subprocess.run([python, "-m", "compileall", "-q", str(dist)], check=False, stdout=subprocess.DEVNULL)
+    log(f"daemon from the package: {debs[-1].name} on {python} (Debian's python3-trio)")
+    return python, str(dist)
+
+
 def precompile() -> None:
     """Byte-compile what dom0 imports: the share is read-only, and compiling there is slow."""
     dirs = [str(REPO / "xenstored")]
@@ -580,7 +606,7 @@ def print_excerpts(res: Result) -> None:
 def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Path = DEFAULT_CACHE,
         keep: bool = False, echo: bool = False, probe: str | None = None,
         live_update: bool = False, retries: int = 2,
-        devices: list[str] | None = None) -> tuple[str, str]:
+        devices: list[str] | None = None, from_deb: bool = False) -> tuple[str, str]:
     """Boot and check; returns ("pass" | "fail" | "inconclusive", verdict line).
 
     ``devices``: the device and lifecycle stages to run with the (PV) guest, from DEVICE_STAGES.
@@ -589,10 +615,11 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
     qemu = ensure_qemu()
     root = fetch(cache)
     precompile()
+    python, pythonpath = install_from_deb(cache) if from_deb and daemon == "ours" else (sys.executable, str(REPO))
     conf = {
         "XSVM_DAEMON": daemon,
-        "XSVM_PYTHON": sys.executable,
-        "XSVM_PYTHONPATH": str(REPO),
+        "XSVM_PYTHON": python,
+        "XSVM_PYTHONPATH": pythonpath,
         "XSVM_LIBDIR": ":".join(str(root / d) for d in LIBDIRS),
         "XSVM_GUEST_KERNEL": f"/host{root / 'boot' / 'vmlinux-guest'}",
         "XSVM_VERBOSE": "1" if keep else "",
@@ -650,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--echo", action="store_true", help="print the console as it arrives")
     p.add_argument("--probe", metavar="FILE",
                    help="a Python script to run in dom0 (host's python3, chrooted) before the daemon")
+    p.add_argument("--from-deb", action="store_true",
+                   help="run the daemon from this checkout's built Debian package on Debian's python3 and trio")
     p.add_argument("--live-update", action="store_true",
                    help="live-update the daemon (xenstore-control) while the first guest runs")
     p.add_argument("--retries", type=int, default=int(os.environ.get("XS_XENVM_RETRIES", "2")),
@@ -677,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = a.timeout or float(os.environ.get("XS_XENVM_TIMEOUT") or (600 if devices else 300))
     try:
         status, line = run(guests, a.daemon, timeout, a.cache, a.keep, a.echo, a.probe,
-                           a.live_update, a.retries, devices)
+                           a.live_update, a.retries, devices, a.from_deb)
     except EnvError as e:
         print(f"XENVM SKIP: {e}", flush=True)
         return 2
