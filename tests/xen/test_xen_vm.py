@@ -53,5 +53,4 @@ def test_real_xen_pv_guest_devices(capsys: pytest.CaptureFixture[str]) -> None:
     """Disk and vif backends with Xen's hotplug scripts, hotplug, save/restore: the stages in
     DEVICE_CI (XS_XENVM_DEVICES=all, or a comma-separated list, picks others; see README)."""
     # One retry only (not 2): a device boot takes 3-4 minutes, CI's whole xenvm step has 6.
-    _xenvm(capsys, "--devices", os.environ.get("XS_XENVM_DEVICES") or ",".join(DEVICE_CI), "--retries", "1",
-           "--from-deb")
+    _xenvm(capsys, "--devices", os.environ.get("XS_XENVM_DEVICES") or ",".join(DEVICE_CI), "--retries", "1")
