@@ -129,16 +129,6 @@ def ring_record(kind: int, domid: int, pos: int, data: bytes) -> bytes:
     return _record(kind, _RING.pack(domid, pos & _MASK) + data)
 
 
-def read_records(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """The records of one file, and how many bytes at its end were torn (0 if none; the zeros
-    of space reserved but not yet written are not a tear)."""
-    out: list[tuple[int, bytes]] = []
-    rec = Recovered()
-    rec.apply = lambda kind, payload: out.append((kind, payload))  # type: ignore[method-assign]
-    torn = _replay(data, rec, raw=True)
-    return out, torn
-
-
 # ----------------------------------------------------------------------------- recovered state
 @dataclass
 class Recovered:
@@ -158,15 +148,9 @@ class Recovered:
     torn_bytes: int = 0
 
     def apply(self, kind: int, payload: bytes) -> None:
+        """One record other than a node (_replay decodes those inline)."""
         self.records += 1
-        if kind == NODE:
-            plen, vlen, count = _NODE.unpack_from(payload)
-            off = _NODE.size
-            path = payload[off : off + plen].decode("ascii")
-            off += plen
-            value = payload[off : off + vlen]
-            self.nodes[path] = (value, _perms_from(payload, off + vlen, count))
-        elif kind == REMOVED:
+        if kind == REMOVED:
             self.nodes.pop(payload.decode("ascii"), None)
         elif kind in (RING_OUT, RING_OUTQ, RING_IN):
             domid, pos = _RING.unpack_from(payload)
@@ -174,7 +158,7 @@ class Recovered:
             if kind == RING_IN:
                 self.ring_in[domid] = (pos, data)
             elif kind == RING_OUTQ:
-                self.ring_out[domid] = [(pos, data)] if data else [(pos, b"")]
+                self.ring_out[domid] = [(pos, data)]
             else:
                 self.ring_out.setdefault(domid, []).append((pos, data))
         elif kind == META:
@@ -241,10 +225,10 @@ def read_state(directory: str) -> Recovered | None:
     return rec
 
 
-def _replay(data: bytes, rec: Recovered, *, raw: bool = False) -> int:
+def _replay(data: bytes, rec: Recovered) -> int:
     """Apply every record of a file, frame by frame, with node records (nearly all of a
-    snapshot) decoded inline and each distinct permission list decoded once (``raw``: hand
-    every record to ``rec.apply``).  Returns the bytes at the end that are no whole frame."""
+    snapshot) decoded inline and each distinct permission list decoded once, the others handed
+    to ``rec.apply``.  Returns the bytes at the end that are no whole frame."""
     if not data.startswith(MAGIC):
         return len(data)
     nodes, perm_cache, apply = rec.nodes, rec.perm_cache, rec.apply
@@ -263,7 +247,7 @@ def _replay(data: bytes, rec: Recovered, *, raw: bool = False) -> int:
             kind, plen_total = rec_unpack(data, pos)
             start = pos + rec_size
             pos = start + plen_total
-            if kind == NODE and not raw:
+            if kind == NODE:
                 plen, vlen, nperms = node_unpack(data, start)
                 pstart = start + head
                 vstart = pstart + plen
@@ -311,7 +295,6 @@ class Journal:
         self.replay_bytes = 0  # older journal files a recovery would replay besides it
         self.snapshot_size = 0
         self.failed: str | None = None  # why the last write failed: the next snapshot repairs it
-        self.appends = 0
         self._unsynced = False
         self._sync_lock = threading.Lock()
         self._sync_stop = threading.Event()
@@ -539,7 +522,6 @@ class Journal:
             )
             return
         self.size += len(data)
-        self.appends += 1
 
     # -- snapshots --------------------------------------------------------------------------------
     def begin_snapshot(self) -> tuple[int, list[bytes]]:
