@@ -442,7 +442,7 @@ def restore_connections(
             continue
         conn = entry[0]
         cpath = paths.canonicalize_any(w.path, conn.home)
-        relative = not w.path.startswith("/") and not w.path.startswith("@")
+        relative = paths.is_relative(w.path)
         core.watches.add(Watch(conn, w.path, cpath, w.token, w.depth, relative))
     for conn, c in by_old_id.values():
         conn.queue_raw(c.out_data)

@@ -426,7 +426,7 @@ def op_watch(core: Core, conn: Connection, msg: Message, txn: Transaction) -> by
         if quota.exceeds(limit, count):
             raise _refuse(core, conn, "watches", limit, count, raw)
         check_memory(core, conn, len(raw) + len(token) + 2, raw)
-    relative = not raw.startswith("/") and not raw.startswith("@")
+    relative = paths.is_relative(raw)
     core.add_watch(conn, Watch(conn, raw, cpath, token, depth, relative))
     conn.reply(msg, OK)
     core.send_event(conn, raw, token)

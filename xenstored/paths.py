@@ -144,3 +144,9 @@ def relative_to(path: str, home: str) -> str:
     if path.startswith(prefix):
         return path[len(prefix) :]
     return path
+
+
+def is_relative(raw: str) -> bool:
+    """A path as a client gave it is relative to its home unless absolute or special: a watch
+    placed that way reports its events relative again."""
+    return not raw.startswith("/") and not raw.startswith("@")

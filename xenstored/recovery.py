@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import quota
+from . import paths, quota
 from .core import Core
 from .domains import DomainManager
 from .journal import Recovered
@@ -101,7 +101,7 @@ def apply(core: Core, manager: DomainManager, rec: Recovered) -> tuple[Report, l
         dom = core.domains.get(domid)
         if dom is None or dom.conn is None:
             continue
-        relative = not path.startswith("/") and not path.startswith("@")
+        relative = paths.is_relative(path)
         core.watches.add(Watch(dom.conn, path, cpath, token, depth, relative))
         report.watches += 1
     for domid in dead:
