@@ -114,6 +114,12 @@ def retry_tx(c: Client, body: Callable[[int], None], limit: int = 1000) -> int:
 
 # ------------------------------------------------------------------------------------- sequential
 def w_sequential(d: Daemon, size: Size, rnd: int) -> Metrics:
+    """One request at a time, as libxl, xenbus and the ``xenstore-*`` tools send them.
+
+    Measured twice: client and daemon pinned to different CPUs (``read_us``: a cross-CPU wakeup
+    per message hides the daemon's CPU in the round trip) and to one CPU (``read_one_cpu_us``:
+    a round trip is then both sides' CPU, what a busy dom0 pays).  The daemon's CPU per request
+    comes from /proc/<pid>/stat over each run."""
     base = f"/bench/seq/r{rnd}"
     with Client(d.socket) as c:
         c.write(f"{base}/r", "some-value")
@@ -122,10 +128,12 @@ def w_sequential(d: Daemon, size: Size, rnd: int) -> Metrics:
         seq_us(c, reads[:200])
         seq_us(c, writes[:200])
         out: Metrics = {}
-        for name, frames in (("read", reads), ("write", writes)):
-            cpu0 = proto.cpu_seconds(d.pid)
-            out[f"{name}_us"] = seq_us(c, frames)
-            out[f"{name}_cpu_us"] = (proto.cpu_seconds(d.pid) - cpu0) / len(frames) * 1e6
+        for suffix, pinning in (("", pinned_apart), ("_one_cpu", pinned_together)):
+            with pinning(d.pid):
+                for name, frames in (("read", reads), ("write", writes)):
+                    cpu0 = proto.cpu_seconds(d.pid)
+                    out[f"{name}{suffix}_us"] = seq_us(c, frames)
+                    out[f"{name}{suffix}_cpu_us"] = (proto.cpu_seconds(d.pid) - cpu0) / len(frames) * 1e6
         return out
 
 
@@ -457,13 +465,16 @@ def _vm_worker(arg: tuple[str, str, list[int]], ready: Callable[[], None]) -> di
 def w_vm(d: Daemon, size: Size, rnd: int) -> Metrics:
     base = 1 + (rnd % 8) * 2 * size.vms
     with Client(d.socket) as c:
+        cpu0 = proto.cpu_seconds(d.pid)
         t0 = perf()
         eag_seq = sum(vm_cycle(c, d.fx, base + i) for i in range(size.vms))
         seq = perf() - t0
+        seq_cpu = proto.cpu_seconds(d.pid) - cpu0
     ids = [base + size.vms + i for i in range(size.vms)]
     res = run_workers(_vm_worker, [(d.socket, d.fx, ids[k::16]) for k in range(16)])
     return {
         "vm_seq_s": seq,
+        "vm_seq_cpu_ms": seq_cpu / size.vms * 1e3,
         "vm_par16_s": span(res),
         "vm_par16_eagain": float(sum(r["eagain"] for r in res)),
         "vm_seq_eagain": float(eag_seq),
