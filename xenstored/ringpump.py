@@ -17,7 +17,7 @@ from .connection import Connection
 from .core import Domain
 from .domains import RECONNECT, DomainManager
 from .ops import dispatch
-from .ring import Ring, RingError
+from .ring import RING_SIZE, Ring, RingError
 from .wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, ProtocolError
 
 log = logging.getLogger("xenstored.domains")
@@ -130,18 +130,23 @@ class RingPump:
             for again in range(PUMP_ROUNDS):
                 found = False
                 while ring.has_input and self.wants_input(dom, conn):
-                    data = ring.peek(parser.needed())
-                    if not data:
+                    # One look at everything the guest wrote, cut to one request: the rest of
+                    # the message the parser holds, else a header and the payload it announces
+                    # (as much of it as is there).  An oversized length takes the header alone,
+                    # which the parser refuses.
+                    avail = ring.peek()
+                    if not avail:
                         break
                     notify = found = True
-                    if len(data) == HEADER_SIZE and not parser.pending:
-                        # A whole header: take the payload it announces in the same breath, so
-                        # a request costs one feed.  Exactly the bytes the header-then-payload
-                        # reads would consume; an oversized length reads nothing more and the
-                        # parser refuses the header as before.
-                        length = HEADER.unpack_from(data)[3]
-                        if 0 < length <= PAYLOAD_MAX:
-                            data = ring.peek(HEADER_SIZE + length)
+                    if parser.pending:
+                        need = parser.needed()
+                    else:
+                        need = HEADER_SIZE
+                        if len(avail) >= HEADER_SIZE:
+                            length = HEADER.unpack_from(avail)[3]
+                            if length <= PAYLOAD_MAX:
+                                need += length
+                    data = avail if len(avail) <= need else avail[:need]
                     try:
                         msgs = conn.feed(data)
                     except ProtocolError:
@@ -188,7 +193,7 @@ class RingPump:
         if not conn.has_output():
             return False
         self.core.durable()  # nothing reaches the guest before it is journaled
-        n = ring.write(conn.peek_output(ring.writable))
+        n = ring.write(conn.peek_output(RING_SIZE))  # the ring takes what fits
         if n:
             conn.consume_output(n)
         return bool(n)
