@@ -65,6 +65,7 @@ SNAPSHOT_FRAME = 1 << 16  # bytes of records per frame in a snapshot
 _NODE = struct.Struct("<HIH")  # path length, value length, permission count
 _PERM = struct.Struct("<IB")  # domid, access | 0x80 when the entry is stale (XSA-322)
 _RING = struct.Struct("<II")  # domid, stream position
+_RING_REC = struct.Struct("<BIII")  # _REC and _RING in one pack: two of these per guest request
 
 NODE = 1
 REMOVED = 2
@@ -126,7 +127,7 @@ def meta_record(obj: dict[str, object]) -> bytes:
 
 
 def ring_record(kind: int, domid: int, pos: int, data: bytes) -> bytes:
-    return _record(kind, _RING.pack(domid, pos & _MASK) + data)
+    return _RING_REC.pack(kind, _RING.size + len(data), domid, pos & _MASK) + data
 
 
 # ----------------------------------------------------------------------------- recovered state
