@@ -208,6 +208,9 @@ class Connection:
         out = self._out
         if not out:
             return b""
+        if len(out) == 1 and not self._out_off:  # one reply waiting: the usual case
+            first = out[0]
+            return first if limit is None or len(first) <= limit else first[:limit]
         first = out[0][self._out_off :] if self._out_off else out[0]
         if limit is not None and len(first) >= limit:
             return first[:limit]

@@ -203,7 +203,7 @@ def _live_record(core: Core, conn: Connection, msg: Message, want: int) -> tuple
     if found is None:
         return None
     rec = found[1]
-    if not can(core, conn, store.record_perms(rec), want):
+    if not conn.privileged and not can(core, conn, store.record_perms(rec), want):
         raise XsError("EACCES")
     return path, rec
 

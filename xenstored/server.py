@@ -109,17 +109,22 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
     conn.wakeup = wake
     log.debug("%s: connected", conn.label)
 
+    send = sock.send
+    peek, consume, has_output = conn.peek_output, conn.consume_output, conn.has_output
+
     def send_now() -> bool:
         """Send what the socket takes without waiting; True if everything went."""
-        if conn.has_output():
-            core.durable()  # a reply is visible only once what it acknowledges is journaled
-        while conn.has_output():
+        if not has_output():
+            return True
+        core.durable()  # a reply is visible only once what it acknowledges is journaled
+        while True:
             try:
-                n = sock.send(conn.peek_output(SEND_CHUNK))
+                n = send(peek(SEND_CHUNK))
             except BlockingIOError:
                 return False
-            conn.consume_output(n)
-        return True
+            consume(n)
+            if not has_output():
+                return True
 
     async def writer() -> None:
         while True:
@@ -131,6 +136,10 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
                 continue
             drained.set()
             await output.wait()
+
+    fd = sock.fileno()
+    recv = sock.recv
+    wait_readable = trio.lowlevel.wait_readable
 
     async def reader() -> None:
         nonlocal inline
@@ -146,12 +155,12 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
                 # has nothing more to say until it reads the reply, so a recv now would only
                 # fail with EAGAIN.  Waiting first saves that syscall (one in five per request).
                 drained_socket = False
-                await trio.lowlevel.wait_readable(sock)
+                await wait_readable(fd)
                 batches = 0
             try:
-                data = sock.recv(RECV_SIZE)
+                data = recv(RECV_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await wait_readable(fd)
                 continue
             if not data:
                 raise _Done()
