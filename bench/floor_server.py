@@ -1,11 +1,12 @@
 """A do-nothing XenStore-shaped server: the floor under any Python daemon's sequential request.
 
-    python -m bench.floor_server raw|trio SOCKET
+    python -m bench.floor_server raw|oneshot|trio SOCKET
 
 It answers every whole ``xsd_sockmsg`` frame with the same 4-byte reply and does nothing else,
 so its CPU per request is what the kernel (wakeup, ``recv``, ``send``) and the event loop cost,
 with none of a daemon's work.  ``raw`` is a bare level-triggered epoll loop (3 syscalls per
-request: ``epoll_wait``, ``recv``, ``send``); ``trio`` waits the way our daemon does, with
+request: ``epoll_wait``, ``recv``, ``send``); ``oneshot`` is the same loop re-arming a one-shot
+registration after each request as trio does (the kernel's share of trio's wait); ``trio`` waits the way our daemon does, with
 ``trio.lowlevel.wait_readable`` (trio re-arms a one-shot registration per wait: a 4th syscall,
 ``epoll_ctl``, and one pass of trio's scheduler).  ``bench.bench_floor`` runs both beside our
 daemon and another one: the differences are the event loop's share and our own.
@@ -45,10 +46,11 @@ def _replies(buf: bytearray) -> bytes:
     return b"".join(out)
 
 
-def serve_raw(path: str) -> None:
+def serve_raw(path: str, oneshot: bool = False) -> None:
     ls = _listen(path)
     ep = select.epoll()
     ep.register(ls.fileno(), select.EPOLLIN)
+    flags = select.EPOLLIN | (select.EPOLLONESHOT if oneshot else 0)
     conns: dict[int, tuple[socket.socket, bytearray]] = {}
     while True:
         for fd, _ in ep.poll():
@@ -56,7 +58,7 @@ def serve_raw(path: str) -> None:
                 c, _ = ls.accept()
                 c.setblocking(False)
                 conns[c.fileno()] = (c, bytearray())
-                ep.register(c.fileno(), select.EPOLLIN)
+                ep.register(c.fileno(), flags)
                 continue
             c, buf = conns[fd]
             data = c.recv(65536)
@@ -69,6 +71,8 @@ def serve_raw(path: str) -> None:
             reply = _replies(buf)
             if reply:
                 c.send(reply)
+            if oneshot:
+                ep.modify(fd, flags)  # re-armed per wait, as trio does
 
 
 def serve_trio(path: str) -> None:
@@ -101,4 +105,7 @@ def serve_trio(path: str) -> None:
 
 if __name__ == "__main__":
     kind, sock_path = sys.argv[1], sys.argv[2]
-    {"raw": serve_raw, "trio": serve_trio}[kind](sock_path)
+    if kind == "oneshot":
+        serve_raw(sock_path, oneshot=True)
+    else:
+        {"raw": serve_raw, "trio": serve_trio}[kind](sock_path)
