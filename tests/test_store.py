@@ -174,7 +174,7 @@ def test_audit_recounts_owners_and_finds_orphans_a_walk_cannot_reach():
     write(s, "/c")
     counts, sizes, broken = s.audit()
     assert counts == s.owned and sizes == s.owned_bytes and broken == []
-    del s._versions["/\0a"]  # corrupt: /a vanishes from the table, /a/b is left hanging
-    s._index.remove("/\0a")
+    del s._versions[b"/\0a"]  # corrupt: /a vanishes from the table, /a/b is left hanging
+    s._index.remove(b"/\0a")
     counts, _sizes, broken = s.audit()
     assert broken == ["/a/b"] and counts[0] == 3  # /, /c and the orphan, still counted
