@@ -3,7 +3,9 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sortedcontainers import SortedList
 
+from xenstored import store as store_mod
 from xenstored.perms import owner_only
 from xenstored.store import Store
 from xenstored.transactions import Conflict, Transaction
@@ -150,6 +152,33 @@ def test_directories_and_snapshots_agree_with_a_model(ops):
     """Each directory is a sorted list of packed entries, with tombstones while a snapshot may
     read a deleted node: against a plain dict of paths, every live and snapshot view agrees,
     names come in byte order, and closing every snapshot leaves no shadowed version."""
+    _run_model(ops)
+
+
+_MANY = st.sampled_from(["a", "b", "a-x", "a_b", "aa", "A", "ab", "c", "ca", "c0", "d", "e", "e1",
+                         "f", "g", "h", "hh", "i", "j", "k"])
+
+
+class _SmallSortedList(SortedList):
+    DEFAULT_LOAD_FACTOR = 2  # sublists of 2-4 entries: a few names span several
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "delete", "snap", "close"]),
+                              st.lists(_MANY, min_size=1, max_size=2), st.binary(max_size=3)),
+                    max_size=80))
+def test_big_directories_agree_with_the_model_too(ops):
+    """The same with every directory of more than two children a SortedList of tiny sublists:
+    the search inside its sublists (_slot) across their boundaries."""
+    saved = store_mod._BIG, store_mod.SortedList
+    store_mod._BIG, store_mod.SortedList = 2, _SmallSortedList
+    try:
+        _run_model(ops)
+    finally:
+        store_mod._BIG, store_mod.SortedList = saved
+
+
+def _run_model(ops: list[tuple[str, list[str], bytes]]) -> None:
     s = Store()
     model: dict[str, bytes] = {"/": b""}
     snaps: list[tuple[int, dict[str, bytes]]] = []
