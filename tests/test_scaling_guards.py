@@ -104,7 +104,7 @@ class Probe:
         self.violations: list[str] = []
         self.dicts: list[CountingDict] = []
         store, watches = core.store, core.watches
-        store._versions = self._wrap("store._versions", store._versions)
+        store._dirs = self._wrap("store._dirs", store._dirs)
         watches._by_path = self._wrap("watches._by_path", watches._by_path)
         watches._by_owner = self._wrap("watches._by_owner", watches._by_owner)
         core.connections = self._wrap("core.connections", core.connections)
@@ -243,7 +243,7 @@ def test_transaction_start_copies_nothing(monkeypatch: pytest.MonkeyPatch) -> No
     core, peer = _core_with_nodes(BIG)
     probe = Probe(core)
     counts = probe.measure(lambda: peer.call(Op.TRANSACTION_START, b"\0"), monkeypatch)
-    assert counts["store._versions"] == 0, counts
+    assert counts["store._dirs"] == 0, counts
 
 
 def test_a_domain_death_touches_only_the_nodes_naming_it() -> None:

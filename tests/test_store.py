@@ -3,7 +3,9 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sortedcontainers import SortedList
 
+from xenstored import store as store_mod
 from xenstored.perms import owner_only
 from xenstored.store import Store
 from xenstored.transactions import Conflict, Transaction
@@ -139,20 +141,83 @@ def test_overwrites_keep_the_byte_accounting_exact():
     assert 5 not in s.owned and s.owned[6] == 1 and s.owned_bytes[6] == node_bytes("/a", s.get("/a"))
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    keys=st.sets(st.text(alphabet="ab/\0-", min_size=1, max_size=6), max_size=120),
-    lo=st.text(alphabet="ab/\0-\x01", max_size=6),
-    hi=st.text(alphabet="ab/\0-\x01", max_size=6),
-    load=st.integers(min_value=4, max_value=50),
-)
-def test_index_range_agrees_with_sortedlist_irange(keys, lo, hi, load):
-    """The child-range scan reads sortedcontainers' sublists directly: it must give exactly what
-    the public irange gives, across sublist boundaries (a small load makes many sublists)."""
+_NAMES = st.sampled_from(["a", "b", "a-x", "a_b", "aa", "A", "ab"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "delete", "snap", "close"]),
+                              st.lists(_NAMES, min_size=1, max_size=3), st.binary(max_size=3)),
+                    max_size=40))
+def test_directories_and_snapshots_agree_with_a_model(ops):
+    """Each directory is a sorted list of packed entries, with tombstones while a snapshot may
+    read a deleted node: against a plain dict of paths, every live and snapshot view agrees,
+    names come in byte order, and closing every snapshot leaves no shadowed version."""
+    _run_model(ops)
+
+
+_MANY = st.sampled_from(["a", "b", "a-x", "a_b", "aa", "A", "ab", "c", "ca", "c0", "d", "e", "e1",
+                         "f", "g", "h", "hh", "i", "j", "k"])
+
+
+class _SmallSortedList(SortedList):
+    DEFAULT_LOAD_FACTOR = 2  # sublists of 2-4 entries: a few names span several
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "delete", "snap", "close"]),
+                              st.lists(_MANY, min_size=1, max_size=2), st.binary(max_size=3)),
+                    max_size=80))
+def test_big_directories_agree_with_the_model_too(ops):
+    """The same with every directory of more than two children a SortedList of tiny sublists:
+    the search inside its sublists (_slot) across their boundaries."""
+    saved = store_mod._BIG, store_mod.SortedList
+    store_mod._BIG, store_mod.SortedList = 2, _SmallSortedList
+    try:
+        _run_model(ops)
+    finally:
+        store_mod._BIG, store_mod.SortedList = saved
+
+
+def _run_model(ops: list[tuple[str, list[str], bytes]]) -> None:
     s = Store()
-    s._index._reset(load)
-    s._index.update(keys)
-    assert s._index_range(lo, hi) == list(s._index.irange(lo, hi, inclusive=(True, False)))
+    model: dict[str, bytes] = {"/": b""}
+    snaps: list[tuple[int, dict[str, bytes]]] = []
+
+    def check(view: dict[str, bytes], snap: int | None) -> None:
+        for path in {*view, *s.paths()} | {p + "/x" for p in view}:
+            node = s.get(path) if snap is None else s.get_at(path, snap)
+            assert (node.value if node else None) == view.get(path), (path, snap)
+            kids = sorted({q[len(path.rstrip("/")) + 1 :].split("/")[0] for q in view
+                           if q.startswith(path.rstrip("/") + "/") and q != path}, key=str.encode)
+            if path in view:
+                assert s.child_names(path, snap) == kids, (path, snap)
+
+    for op, names, value in ops:
+        path = "/" + "/".join(names)
+        if op == "write":
+            for i in range(1, len(names) + 1):  # ancestors first, as a WRITE creates them
+                anc = "/" + "/".join(names[:i])
+                if anc not in model or anc == path:
+                    write(s, anc, value if anc == path else b"")
+                    model[anc] = value if anc == path else b""
+        elif op == "delete" and path in model:
+            t = Transaction(s, implicit=True)
+            t.remove_tree(path)
+            t.commit()
+            for q in [q for q in model if q == path or q.startswith(path + "/")]:
+                del model[q]
+        elif op == "snap":
+            snaps.append((s.open_snapshot(), dict(model)))
+        elif op == "close" and snaps:
+            s.close_snapshot(snaps.pop(0)[0])
+        check(model, None)
+        for snap, view in snaps:
+            check(view, snap)
+    for snap, _view in snaps:
+        s.close_snapshot(snap)
+    assert s.version_count() == len(model) and sorted(s.paths()) == sorted(model)
+    counts, _sizes, broken = s.audit()
+    assert counts == s.owned and broken == []
 
 
 def test_live_child_names_skip_removed_keys_kept_for_a_snapshot():
@@ -174,7 +239,7 @@ def test_audit_recounts_owners_and_finds_orphans_a_walk_cannot_reach():
     write(s, "/c")
     counts, sizes, broken = s.audit()
     assert counts == s.owned and sizes == s.owned_bytes and broken == []
-    del s._versions["/\0a"]  # corrupt: /a vanishes from the table, /a/b is left hanging
-    s._index.remove("/\0a")
+    root_dir = s._dirs["/"]  # corrupt: /a vanishes from the table, /a/b is left hanging
+    root_dir.remove(next(e for e in root_dir if e.startswith(b"a\0")))
     counts, _sizes, broken = s.audit()
     assert broken == ["/a/b"] and counts[0] == 3  # /, /c and the orphan, still counted

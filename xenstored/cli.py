@@ -7,7 +7,6 @@ accepts connections, so an init script can use the store right after starting it
 from __future__ import annotations
 
 import argparse
-import difflib
 import fcntl
 import logging
 import os
@@ -17,7 +16,7 @@ from typing import NoReturn
 
 import trio
 
-from . import __version__, logs, migration
+from . import __version__, logs
 from .config import Config, ConfigError, load_file, log_level
 from .hypervisor import HypervisorError
 from .service import Service
@@ -178,6 +177,8 @@ def _option_hint(parser: argparse.ArgumentParser, word: str) -> str:
         return ""
     name = word.partition("=")[0]
     known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    import difflib  # only for a mistyped option: 1 ms at every start otherwise
+
     match = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     return f" (did you mean {match[0]}?)" if match else ""
 
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check_live_update(path: str) -> int:
     """The old daemon runs this before it execs us for a live update: if this binary cannot
     start or cannot read the state, the update is refused and the old daemon keeps serving."""
+    from . import migration  # the state stream is read at start only for a live update
+
     try:
         with open(path, "rb") as f:
             state = migration.decode(f.read())

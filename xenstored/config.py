@@ -3,7 +3,6 @@ line (cli.py), and read by the core.  Kept free of I/O so tests can build a Core
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 from .quota import Quotas
@@ -237,6 +236,8 @@ IGNORED_KEYS = frozenset(
 def nearest_key(key: str, known: list[str] | None = None) -> str | None:
     """The known key ``key`` most likely is a typo of, if any looks close enough."""
     candidates = known if known is not None else [*KEYS, *IGNORED_KEYS]
+    import difflib  # only for a mistyped key: 1 ms at every start otherwise
+
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.75)
     return match[0] if match else None
 

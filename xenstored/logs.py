@@ -15,7 +15,6 @@ The hooks cost one attribute test per message when both are off.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -41,14 +40,16 @@ def setup(cfg: Config, *, foreground: bool) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s xenstored[%(process)d] %(levelname)s %(name)s: %(message)s"))
     elif dest.startswith("syslog"):
+        from logging.handlers import SysLogHandler  # with pickle, socket, queue: 3 ms; only here
+
         facility = dest.partition(":")[2] or "daemon"
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(
-            address=address, facility=logging.handlers.SysLogHandler.facility_names.get(facility, 3)
-        )
+        handler = SysLogHandler(address=address, facility=SysLogHandler.facility_names.get(facility, 3))
         handler.setFormatter(logging.Formatter("xenstored[%(process)d]: %(levelname)s %(name)s: %(message)s"))
     else:
-        handler = logging.handlers.WatchedFileHandler(dest)
+        from logging.handlers import WatchedFileHandler
+
+        handler = WatchedFileHandler(dest)
         handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT))
     root.addHandler(handler)
     root.setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
@@ -56,8 +57,10 @@ def setup(cfg: Config, *, foreground: bool) -> None:
 
 def reopen() -> None:
     """SIGHUP: log files moved away by logrotate are reopened."""
+    from logging.handlers import WatchedFileHandler
+
     for h in logging.getLogger().handlers:
-        if isinstance(h, logging.handlers.WatchedFileHandler):
+        if isinstance(h, WatchedFileHandler):
             h.reopenIfNeeded()
 
 

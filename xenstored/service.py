@@ -12,10 +12,8 @@ client sees its connection close.
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
-import shlex
 import signal
 import socket as pysocket
 import sys
@@ -26,7 +24,7 @@ from dataclasses import dataclass
 import trio
 import trio.lowlevel
 
-from . import hypervisor, logs, metrics, migration, recovery
+from . import hypervisor, logs, metrics, recovery
 from . import journal as journal_mod
 from .config import Config
 from .connection import Connection
@@ -109,6 +107,8 @@ class Service:
         a live update, else from the journal (every start after the first is a recovery), else
         from the persistent file."""
         if self.cfg.persistent:
+            import glob
+
             for stale in glob.glob(glob.escape(self.persistent_file) + ".tmp*"):
                 os.unlink(stale)  # a snapshot a crash cut short: the real file is intact
         journal = self.journal
@@ -139,6 +139,9 @@ class Service:
             if self.cfg.domain_init and not self.manager.introduce_dom0():
                 log.info("no ring page for the store domain; serving the socket only")
             return
+        # The state stream, only for a live update or a persistent file: 3 ms of every start.
+        from . import migration
+
         start = time.perf_counter()
         with open(path, "rb") as f:
             try:
@@ -319,11 +322,15 @@ class Service:
     def save(self, path: str) -> None:
         """Write the state atomically: temp file, fsync, rename, so a crash leaves the old or
         the new state, never a torn one.  Socket clients are not part of it (they reconnect)."""
+        from . import migration
+
         state = migration.dump_core(self.core)
         _atomic_write(path, migration.encode(state))
         self._persisted_gen = self.core.store.gen
 
     async def _persist_loop(self) -> None:
+        from . import migration
+
         while True:
             await trio.sleep(self.cfg.persistent_interval)
             store = self.core.store
@@ -440,6 +447,8 @@ class Service:
 
     async def _check_new_binary(self, binary: str, argv: list[str]) -> str | None:
         """Dump the state as it is now to a side file and let the new binary read it."""
+        from . import migration
+
         path = os.path.join(self.cfg.rundir, STATE_DUMP + ".check")
         state = migration.dump_core(self.core, {}, listen_fd=self._listen_fd)
         await trio.to_thread.run_sync(_atomic_write, path, list(migration.encode(state)), False)
@@ -453,6 +462,10 @@ class Service:
         # Let the current batch of requests finish, then wait for an instant with no open
         # transaction (they are not carried over): from that check to the exec nothing awaits,
         # so no transaction can start in between.
+        import shlex
+
+        from . import migration
+
         core = self.core
         deadline = time.monotonic() + timeout
         await trio.lowlevel.checkpoint()
