@@ -314,10 +314,7 @@ def directory_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
     found = _live_record(core, conn, msg, READ)
     if found is None:
         return None
-    names = core.store.child_names(found[0])
-    if not names:
-        return b""
-    return ("\0".join(names) + "\0").encode("ascii")
+    return core.store.child_payload(found[0])
 
 
 def op_directory_part(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:

@@ -282,6 +282,17 @@ class Store:
                 out.append(name)
         return out
 
+    def child_payload(self, path: str) -> bytes:
+        """The live children of ``path`` as DIRECTORY's reply spells them (``a\0b\0``), cut
+        straight from the entries: a tree walk is one of these per node, and decoding each name
+        only to encode it again cost a fifth of the request."""
+        entries = self._dirs.get(path)
+        if not entries:
+            return b""
+        if not self._old:  # no tombstone anywhere: every entry is a live node
+            return b"".join([e[: e.index(0) + 1] for e in entries])
+        return b"".join([e[: n + 1] for e in entries if len(e) > (n := e.index(0)) + 1])
+
     def walk(self, path: str = ROOT) -> Iterator[str]:
         """Live paths of the subtree at ``path``, pre-order, iteratively (XSA-418: no recursion)."""
         if self.get(path) is None:
