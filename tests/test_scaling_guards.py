@@ -279,3 +279,35 @@ def test_a_domain_death_touches_only_the_nodes_naming_it() -> None:
         assert real_get(f"/bulk/n{n - 1}") is not None
         counts.append(calls["get"])
     assert counts[0] == counts[1], counts
+
+
+def test_a_domain_release_does_not_scan_the_other_domains_homes() -> None:
+    """A domain's home sits among every other domain's in /local/domain, each with its own
+    permission list: finding the nodes naming the released domain looks at its own entries,
+    not at its siblings (RELEASE stays O(1) in the number of domains)."""
+    from xenstored.domains import DomainManager
+
+    class CountingDirs(dict):  # type: ignore[type-arg]
+        scanned = 0
+
+        def get(self, key: object, *default: object) -> Any:
+            v = dict.get(self, key, *default)
+            if default:  # naming()'s directory scans pass a default; lookups do not
+                CountingDirs.scanned += len(v)  # type: ignore[arg-type]
+            return v
+
+    scanned = []
+    for n in (SMALL, BIG // 10):
+        core = make_core()
+        d0 = Peer(core)
+        for domid in range(1, n + 1):
+            d0.write(f"/local/domain/{domid}/name", f"guest{domid}")
+            d0.setperms(f"/local/domain/{domid}", f"n{domid}")
+            d0.setperms(f"/local/domain/{domid}/name", f"n{domid}")
+        store = core.store
+        store._dirs = CountingDirs(store._dirs)  # type: ignore[attr-defined]
+        CountingDirs.scanned = 0
+        DomainManager(core, object()).remove_domain_nodes(5)  # type: ignore[arg-type]
+        assert store.get("/local/domain/5") is None and store.get("/local/domain/6") is not None
+        scanned.append(CountingDirs.scanned)
+    assert scanned[0] == scanned[1], scanned

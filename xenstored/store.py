@@ -84,6 +84,21 @@ NODE_OVERHEAD = 16  # per-node header, as C-4.19+ counts it
 
 # The parent recorded in ``_users`` for the root, which has none.
 _NO_PARENT = ""
+# Names of one permission list's entries kept per directory before it is scanned instead.
+_NAMED = 8
+
+
+def _note(tracked: dict[str, set[str] | None], up: str, name: str) -> None:
+    """Record that directory ``up`` holds ``name`` with a tracked permission list (see
+    Store._users)."""
+    if up not in tracked:
+        tracked[up] = {name}
+        return
+    names = tracked[up]
+    if names is not None:
+        names.add(name)
+        if len(names) > _NAMED:
+            tracked[up] = None
 
 # Children beyond which a directory's plain list becomes a SortedList: inserting into a plain
 # list of 100k entries moves 800 KB (35 us per creation); below a few thousand it is cheaper
@@ -154,13 +169,17 @@ class Store:
         # Permission lists are few and shared by many nodes: records name them by number.
         self._perm_ids: dict[Perms, int] = {}
         self._perm_lists: list[Perms] = []
-        # The directories holding latest entries of a permission list (id -> parent paths):
-        # which nodes name a domain, found from the few distinct lists and the directories they
-        # occur in instead of a walk of the whole tree (a domain's death).  A directory stays
-        # listed after its last such entry changes, until naming() finds it empty of them: a
-        # node costs nothing here.  Only lists naming a domain other than 0 are tracked: dom0's
-        # own nodes (most of a big store) are never looked up so, dom0 is never released.
-        self._users: dict[int, set[str]] = {}
+        # Where latest entries of a permission list live (id -> parent path -> their names, or
+        # None for "scan this directory"): which nodes name a domain, found from the few
+        # distinct lists instead of a walk of the whole tree (a domain's death).  A directory
+        # holding few such entries among many others (a domain's home among every domain's in
+        # /local/domain) keeps their names, so a release does not scan its siblings; past
+        # _NAMED of them the directory is scanned instead (a guest's own subtree, where nearly
+        # every entry matches), so a node costs nothing here.  Entries stay listed after they
+        # change, until naming() finds them gone.  Only lists naming a domain other than 0 are
+        # tracked: dom0's own nodes (most of a big store) are never looked up so, dom0 is never
+        # released.
+        self._users: dict[int, dict[str, set[str] | None]] = {}
         root = Node(b"", owner_only(0), 0, 0)
         self._root: Record = b"\0" + _REC.pack(0, 0, self._perm_id(root.perms))
         self.owned[0] = 1
@@ -177,14 +196,19 @@ class Store:
             self._perm_ids[node_perms] = pid
             self._perm_lists.append(node_perms)
             if any(p.domid for p in node_perms):
-                self._users[pid] = set()
+                self._users[pid] = {}
         return pid
 
     def _track(self, path: str, pid: int) -> None:
         tracked = self._users.get(pid)
         if tracked is not None:
             cut = path.rfind("/")
-            tracked.add(path[:cut] if cut > 0 else (ROOT if path != ROOT else _NO_PARENT))
+            if cut > 0:
+                _note(tracked, path[:cut], path[cut + 1 :])
+            elif path != ROOT:
+                _note(tracked, ROOT, path[1:])
+            else:
+                tracked[_NO_PARENT] = None
 
     def _unpack(self, rec: Record) -> Node:
         vgen, cgen, pid = _REC.unpack_from(rec, len(rec) - _REC_SIZE)
@@ -644,7 +668,7 @@ class Store:
                 loaded.add(path)
                 add(path, *nodes[path])
         del loaded
-        users: dict[int, set[str]] = {pid: set() for pid in self._users}
+        users: dict[int, dict[str, set[str] | None]] = {pid: {} for pid in self._users}
         unpack = _REC.unpack_from
         for up, entries in dirs.items():
             entries.sort()
@@ -653,10 +677,10 @@ class Store:
             for rec in entries:
                 tracked = users.get(unpack(rec, len(rec) - _REC_SIZE)[2])
                 if tracked is not None:
-                    tracked.add(up)
+                    _note(tracked, up, rec[: rec.index(0)].decode())
         root_users = users.get(unpack(self._root, len(self._root) - _REC_SIZE)[2])
         if root_users is not None:
-            root_users.add(_NO_PARENT)
+            root_users[_NO_PARENT] = None
         self._users = users
         self._dirs = dirs
         self._old = {}
@@ -678,21 +702,30 @@ class Store:
             where = users.get(pid)
             if not where or not any(p.domid == domid for p in node_perms):
                 continue
-            for up in list(where):
+            for up, names in list(where.items()):
                 found = False
                 if up == _NO_PARENT:
                     rec = self._root
                     if unpack(rec, len(rec) - _REC_SIZE)[2] == pid:
                         out.append(ROOT)
                         found = True
-                else:
+                elif names is None:  # many such entries here: scan the directory
                     for rec in self._dirs.get(up, ()):
                         n = rec.index(0)
                         if len(rec) > n + 1 and unpack(rec, len(rec) - _REC_SIZE)[2] == pid:
                             out.append(join(up, rec[:n].decode()))
                             found = True
+                else:
+                    for name in list(names):
+                        path = join(up, name)
+                        hit = self.lookup(path)
+                        if hit is not None and unpack(hit[1], len(hit[1]) - _REC_SIZE)[2] == pid:
+                            out.append(path)
+                            found = True
+                        else:
+                            names.discard(name)  # changed or gone since
                 if not found:
-                    where.discard(up)  # its last such entry changed since
+                    del where[up]  # its last such entry changed since
         return out
 
     def _latest_perms(self, path: str) -> Perms:
