@@ -283,8 +283,9 @@ def test_a_domain_death_touches_only_the_nodes_naming_it() -> None:
 
 def test_a_domain_release_does_not_scan_the_other_domains_homes() -> None:
     """A domain's home sits among every other domain's in /local/domain, each with its own
-    permission list: finding the nodes naming the released domain looks at its own entries,
-    not at its siblings (RELEASE stays O(1) in the number of domains)."""
+    permission list: finding the nodes naming the released domain looks at its own entries and
+    its own lists, not at its siblings' or every domain's lists (RELEASE stays O(1) in the
+    number of domains)."""
     from xenstored.domains import DomainManager
 
     class CountingDirs(dict):  # type: ignore[type-arg]
@@ -296,6 +297,13 @@ def test_a_domain_release_does_not_scan_the_other_domains_homes() -> None:
                 CountingDirs.scanned += len(v)  # type: ignore[arg-type]
             return v
 
+    class CountingLists(list):  # type: ignore[type-arg]
+        walked = 0
+
+        def __iter__(self) -> Any:
+            CountingLists.walked += len(self)
+            return list.__iter__(self)
+
     scanned = []
     for n in (SMALL, BIG // 10):
         core = make_core()
@@ -306,8 +314,9 @@ def test_a_domain_release_does_not_scan_the_other_domains_homes() -> None:
             d0.setperms(f"/local/domain/{domid}/name", f"n{domid}")
         store = core.store
         store._dirs = CountingDirs(store._dirs)  # type: ignore[attr-defined]
-        CountingDirs.scanned = 0
+        store._perm_lists = CountingLists(store._perm_lists)  # type: ignore[attr-defined]
+        CountingDirs.scanned = CountingLists.walked = 0
         DomainManager(core, object()).remove_domain_nodes(5)  # type: ignore[arg-type]
         assert store.get("/local/domain/5") is None and store.get("/local/domain/6") is not None
-        scanned.append(CountingDirs.scanned)
+        scanned.append((CountingDirs.scanned, CountingLists.walked))
     assert scanned[0] == scanned[1], scanned

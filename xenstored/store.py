@@ -180,6 +180,9 @@ class Store:
         # tracked: dom0's own nodes (most of a big store) are never looked up so, dom0 is never
         # released.
         self._users: dict[int, dict[str, set[str] | None]] = {}
+        # The tracked permission lists naming each domain (lists are never forgotten): a
+        # release looks at its domain's few, not at every domain's.
+        self._lists_naming: dict[int, list[int]] = {}
         root = Node(b"", owner_only(0), 0, 0)
         self._root: Record = b"\0" + _REC.pack(0, 0, self._perm_id(root.perms))
         self.owned[0] = 1
@@ -197,6 +200,8 @@ class Store:
             self._perm_lists.append(node_perms)
             if any(p.domid for p in node_perms):
                 self._users[pid] = {}
+                for domid in {p.domid for p in node_perms}:
+                    self._lists_naming.setdefault(domid, []).append(pid)
         return pid
 
     def _track(self, path: str, pid: int) -> None:
@@ -698,9 +703,9 @@ class Store:
         out: list[str] = []
         users = self._users
         unpack = _REC.unpack_from
-        for pid, node_perms in enumerate(self._perm_lists):
+        for pid in self._lists_naming.get(domid, ()):
             where = users.get(pid)
-            if not where or not any(p.domid == domid for p in node_perms):
+            if not where:
                 continue
             for up, names in list(where.items()):
                 found = False
