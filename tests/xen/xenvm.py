@@ -533,7 +533,7 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
         prev = t
-    expected = ["xenstored", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
+    expected = ["xenstored", "dom0-early-ring", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
                                                   for s in ("guest-up", "watch-roundtrip", "destroy")]
     if devices:
         # The device guest ends with the shutdown stage when it runs, else with xl destroy.
@@ -627,6 +627,7 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
         "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
         "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
+        "XSVM_PYTIME": os.environ.get("XS_XENVM_PYTIME", ""),
         "XSVM_DEVICES": " ".join(devices or []),
     }
     work = Path(tempfile.mkdtemp(prefix="xenvm-"))
