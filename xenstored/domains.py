@@ -76,12 +76,31 @@ class DomainManager:
 
     # ------------------------------------------------------------------------- introduce
     def introduce_dom0(self) -> bool:
-        """Introduce the store domain's own ring at start (upstream: /proc/xen/xsd_kva)."""
+        """Serve the store domain's own ring at start (upstream: /proc/xen/xsd_kva).
+
+        Unlike INTRODUCE, the page's indexes are kept, as C xenstored's ``dom0_init`` keeps them:
+        dom0's kernel may already have queued requests there.  Any libxenstore client whose
+        connect() to our socket is refused (before we listen) falls back to /dev/xen/xenbus, and
+        the kernel writes its request into this page and kicks a port nobody has bound yet.
+        Zeroing the indexes would drop that request and leave the client blocked for ever
+        (xen-init-dom0 hung that way under QEMU).  The first pump answers what is waiting."""
         found = self.hv.dom0_ring()
         if found is None:
             return False
         view, remote = found
-        self._connect(self.core.domain(self.core.priv_domid), view, remote, 0)
+        dom = self.core.domain(self.core.priv_domid)
+        ring = Ring(view)
+        if ring.evtchn_port:
+            remote = ring.evtchn_port
+        local = self.hv.bind_interdomain(dom.domid, remote)
+        dom.ignored = False
+        dom.shutdown_reported = False
+        ring.features = dom.features
+        # (A reconnection the kernel asked for before we ran is the pump's handshake, as always.)
+        self._attach(dom, ring, remote, local, 0)
+        if self.core.journal is not None:
+            self.core.journal.ring_attached(dom)
+        self.hv.notify(local)
         return True
 
     def _attach(self, dom: Domain, ring: Ring, remote_port: int, local: int, gfn: int) -> Connection:

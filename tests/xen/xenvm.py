@@ -529,15 +529,18 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
         m = VERDICT_RE.match(ln.text)
         if m:
             verdict = (m.group(1), m.group(2), ln.t)
+    for ln in res.lines:  # XS_XENVM_PYTIME=1: python3's own start-up in dom0
+        if ln.text.startswith("XSVM PYTIME "):
+            print(f"xenvm: python3 in dom0: {ln.text[len('XSVM PYTIME '):]}")
     prev = 0.0
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
         prev = t
-    expected = ["xenstored", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
+    expected = ["xenstored", "dom0-early-ring", "xen-init-dom0", "dom0-xenbus"] + [f"{g}-{s}" for g in guests
                                                   for s in ("guest-up", "watch-roundtrip", "destroy")]
     if devices:
         # The device guest ends with the shutdown stage when it runs, else with xl destroy.
-        expected = [s for s in expected if s != "pv-destroy" or "shutdown" not in devices] + devices
+        expected = [s for s in expected if s != f"{guests[0]}-destroy" or "shutdown" not in devices] + devices
     if live_update:
         expected += ["live-update", "lu-socket", "lu-dom0-xenbus", "lu-guest-roundtrip"]
         if daemon == "ours":  # C cannot survive its own death: the crash stages are ours only
@@ -627,6 +630,7 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
         "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
         "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
+        "XSVM_PYTIME": os.environ.get("XS_XENVM_PYTIME", ""),
         "XSVM_DEVICES": " ".join(devices or []),
     }
     work = Path(tempfile.mkdtemp(prefix="xenvm-"))
@@ -649,6 +653,13 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
             shutil.copy(console_log, work / f"console-attempt{attempt}.log")
         if notes:
             line += " [" + "; ".join(notes) + "]"
+            # The lost attempts' whole consoles, to tell later which process crashed and where.
+            lost_dir = cache / "last-retried"
+            shutil.rmtree(lost_dir, ignore_errors=True)
+            lost_dir.mkdir(parents=True)
+            for f in sorted(work.glob("console-attempt*.log")):
+                shutil.copy(f, lost_dir / f.name)
+            line += f" (lost attempts' consoles: {lost_dir})"
         status = "pass" if ok else "fail"
         if not ok and crashes:
             # Every attempt hit a crash outside the daemon: nothing learnt about the daemon.
@@ -667,7 +678,9 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--guests", default="pv,pvh", help="comma-separated: pv, pvh (default both)")
+    p.add_argument("--guests", default=None,
+                   help="comma-separated: pv, pvh (default both); with --devices the one device guest "
+                        "(default pv)")
     p.add_argument("--daemon", choices=["ours", "c"], default="ours",
                    help="ours (python3 -m xenstored) or c (Debian's xenstored, as a control)")
     p.add_argument("--timeout", type=float, default=None,
@@ -689,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"reboot, shutdown; STAGES is a comma-separated subset of {','.join(DEVICE_STAGES)} "
                         "(default all)")
     a = p.parse_args(argv)
-    guests = [g for g in a.guests.split(",") if g]
+    guests = [g for g in (a.guests or "pv,pvh").split(",") if g]
     if any(g not in ("pv", "pvh") for g in guests):
         p.error("guests are pv and/or pvh")
     devices: list[str] | None = None
@@ -702,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
         for s, need in DEVICE_NEEDS.items():
             if s in devices and need not in devices:
                 p.error(f"device stage {s} needs {need}")
-        guests = ["pv"]  # the device run is about one PV guest's devices and lifecycle
+        # The device run is about one guest's devices and lifecycle: PV unless --guests says pvh.
+        if a.guests is None:
+            guests = ["pv"]
+        elif len(guests) != 1:
+            p.error("the device run has one guest: --guests pv or --guests pvh")
     timeout = a.timeout or float(os.environ.get("XS_XENVM_TIMEOUT") or (600 if devices else 300))
     try:
         status, line = run(guests, a.daemon, timeout, a.cache, a.keep, a.echo, a.probe,
