@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("protocol", ["wire", "paths", "perms", "ring", "fxtable", "hypervisor.xen_abi"]),
     ("state", ["store", "transactions", "watches", "quota", "config"]),
     ("daemon", ["connection", "metrics", "core", "domains", "control", "ops"]),
-    ("edge", ["hypervisor.base", "hypervisor.emulated", "hypervisor.xen", "hypervisor", "journal", "ringpump", "server"]),
+    ("edge", ["hub", "hypervisor.base", "hypervisor.emulated", "hypervisor.xen", "hypervisor", "journal", "ringpump", "server"]),
     ("process", ["logs", "migration", "recovery", "service", "cli", "__main__"]),
 ]
 # Apart from the daemon: libraries and commands for clients.  They may use the protocol layer.

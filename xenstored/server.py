@@ -1,4 +1,4 @@
-"""trio edges: the Unix-socket listener, one task pair per socket client, and the domain pumps.
+"""trio edges: the Unix-socket listener, socket clients (served by the hub), and the domain pumps.
 
 Bytes go down into Connection.feed, the requests it frames go to the dispatcher (ops.dispatch),
 and the replies the dispatcher queued on the connection come back up and out; this module only
@@ -20,6 +20,7 @@ import trio
 
 from .connection import Connection
 from .core import Core
+from .hub import Hub
 from .hypervisor.base import Hypervisor
 from .ops import handle
 from .ringpump import RingPump
@@ -82,25 +83,25 @@ def make_listening_socket(path: str, backlog: int = 128, *, listen: bool = True)
     return raw
 
 
-# A client that always has requests waiting is made to yield to the others every few batches.
-FAIRNESS_BATCHES = 16
 SEND_CHUNK = 1 << 18
 
 
-async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.socket) -> None:
-    """Pump one socket client until it disconnects or misbehaves.
+async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.socket, hub: Hub) -> None:
+    """Serve one socket client until it disconnects or misbehaves.
 
-    The reader answers inline: it receives a batch, runs it, and sends the replies straight away
-    with a non-blocking send, so a request costs one wait for readability and no task switch.
-    The writer task only finishes what the socket would not take at once and delivers output
-    queued by other clients' requests (watch events).  trio's socket wrappers would add a
-    scheduler pass after every successful recv and send; raw non-blocking calls plus
-    ``wait_readable``/``wait_writable`` avoid that.
+    Its requests are answered inline by the hub (:mod:`.hub`): when the socket is readable the
+    hub calls :func:`on_readable`, which receives a batch, runs it and sends the replies with a
+    non-blocking send, so a sequential request costs ``epoll_wait``, ``recv`` and ``send`` and,
+    while trio idles, no scheduler pass.  This task only owns the connection's lifetime and its
+    writer, which finishes what the socket would not take at once and delivers output queued by
+    other clients' requests (watch events).  Fairness comes from the hub: each ready client gets
+    one ``recv`` (at most RECV_SIZE bytes) per round.
     """
     sock.setblocking(False)
     output = Waker()
-    drained = Waker()
+    ended = trio.Event()
     inline = False
+    paused = False
 
     def wake() -> None:
         if not inline:
@@ -111,6 +112,8 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
 
     send = sock.send
     peek, consume, has_output = conn.peek_output, conn.consume_output, conn.has_output
+    fd = sock.fileno()
+    recv = sock.recv
 
     def send_now() -> bool:
         """Send what the socket takes without waiting; True if everything went."""
@@ -126,79 +129,81 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
             if not has_output():
                 return True
 
+    def end() -> None:
+        hub.remove(fd)
+        ended.set()
+
+    def on_readable() -> None:
+        nonlocal inline, paused
+        try:
+            data = recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.debug("%s: recv failed: %s", conn.label, e)
+            end()
+            return
+        if not data:
+            end()
+            return
+        inline = True
+        try:
+            handle(core, conn, data)
+        except ProtocolError as e:
+            log.warning("%s: protocol error, disconnecting: %s", conn.label, e)
+            end()
+            return
+        finally:
+            inline = False
+        try:
+            sent = send_now()
+        except OSError as e:  # the peer went away (EPIPE, ECONNRESET)
+            log.debug("%s: send failed: %s", conn.label, e)
+            end()
+            return
+        if not sent or conn.doomed:
+            output.set()
+        if not conn.wants_input:
+            paused = True  # its replies are not being read: read no more until they are
+            hub.pause(fd)
+
+    def on_fail(e: BaseException) -> None:
+        # A bug costs this one connection, never the daemon.
+        log.error("%s: internal error; closing this connection", conn.label, exc_info=e)
+        ended.set()
+
     async def writer() -> None:
+        nonlocal paused
         while True:
             if conn.doomed:
                 log.warning("%s: disconnected: %s", conn.label, conn.doomed)
-                raise _Done()
+                end()
+                return
             if not send_now():
                 await trio.lowlevel.wait_writable(sock)
                 continue
-            drained.set()
+            if paused and conn.wants_input:
+                paused = False
+                hub.resume(fd)
             await output.wait()
 
-    fd = sock.fileno()
-    recv = sock.recv
-    wait_readable = trio.lowlevel.wait_readable
-
-    async def reader() -> None:
-        nonlocal inline
-        batches = 0
-        drained_socket = False
-        while True:
-            while not conn.wants_input:
-                if conn.doomed:
-                    return
-                await drained.wait()
-            if drained_socket:
-                # The last recv emptied the socket on a message boundary: a request-reply client
-                # has nothing more to say until it reads the reply, so a recv now would only
-                # fail with EAGAIN.  Waiting first saves that syscall (one in five per request).
-                drained_socket = False
-                await wait_readable(fd)
-                batches = 0
-            try:
-                data = recv(RECV_SIZE)
-            except BlockingIOError:
-                await wait_readable(fd)
-                continue
-            if not data:
-                raise _Done()
-            inline = True
-            try:
-                handle(core, conn, data)
-            except ProtocolError as e:
-                log.warning("%s: protocol error, disconnecting: %s", conn.label, e)
-                raise _Done() from None
-            finally:
-                inline = False
-            # A short read emptied the socket, unless a message is still incomplete
-            # (libxenstore writes header and payload apart: the rest is on its way).
-            drained_socket = len(data) < RECV_SIZE and not conn.parser.pending
-            if not send_now() or conn.doomed:
-                output.set()
-            batches += 1
-            if batches % FAIRNESS_BATCHES == 0:
-                await trio.lowlevel.checkpoint()
-
     try:
+        hub.add(fd, on_readable, on_fail)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
-            nursery.start_soon(reader)
-    except* (_Done, OSError):
+            await ended.wait()
+            nursery.cancel_scope.cancel()
+    except* OSError:
         pass
     except* Exception:
         # A bug costs this one connection, never the daemon.
         log.exception("%s: internal error; closing this connection", conn.label)
     finally:
+        hub.remove(fd)
         core.close_connection(conn)
         core.socket_fds.pop(conn.id, None)
         sock.close()
         log.debug("%s: closed", conn.label)
-
-
-class _Done(Exception):
-    """The connection ends (EOF, protocol error, or it was doomed)."""
 
 
 # What failed last, by subsystem, while it keeps failing: one log line per failure streak.
@@ -229,11 +234,18 @@ async def serve_socket(
     core: Core, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Bind ``path`` and serve it (tests and simple embedding)."""
-    await serve_listener(core, make_listening_socket(path), task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        hub = Hub()
+        await nursery.start(hub.run)
+        await serve_listener(core, make_listening_socket(path), hub, task_status=task_status)
 
 
 async def serve_listener(
-    core: Core, sock: pysocket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    core: Core,
+    sock: pysocket.socket,
+    hub: Hub,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     sock.setblocking(False)
     log.info("listening on fd %d", sock.fileno())
@@ -251,7 +263,7 @@ async def serve_listener(
                 continue
             conn = core.new_connection(socket=True)
             core.socket_fds[conn.id] = client.fileno()
-            nursery.start_soon(run_socket_connection, core, conn, client)
+            nursery.start_soon(run_socket_connection, core, conn, client, hub)
 
 
 async def serve_domains(

@@ -30,6 +30,7 @@ from .config import Config
 from .connection import Connection
 from .core import Core
 from .domains import DomainManager
+from .hub import Hub
 from .ringpump import RingPump
 from .server import make_listening_socket, run_socket_connection, serve_domains, serve_listener
 from .store import Store
@@ -271,11 +272,13 @@ class Service:
                 else:
                     sock = pysocket.socket(fileno=self._listen_fd)
                 self._listen_fd = sock.fileno()
-                await nursery.start(serve_listener, self.core, sock)
+                hub = Hub()
+                await nursery.start(hub.run)
+                await nursery.start(serve_listener, self.core, sock, hub)
                 for conn_id, fd in self._restored_sockets:
                     conn = self.core.connections[conn_id]
                     self.core.socket_fds[conn_id] = fd
-                    nursery.start_soon(run_socket_connection, self.core, conn, pysocket.socket(fileno=fd))
+                    nursery.start_soon(run_socket_connection, self.core, conn, pysocket.socket(fileno=fd), hub)
                 if cfg.persistent and cfg.persistent_interval > 0:
                     nursery.start_soon(self._persist_loop)
                 if self.journal is not None:
