@@ -267,10 +267,17 @@ async def serve_listener(
 
 
 async def serve_domains(
-    pump: RingPump, hv: Hypervisor, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    pump: RingPump,
+    hv: Hypervisor,
+    hub: Hub | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Event channels in, ring output out.  Kicks pump their domain at once; output queued by
-    other clients' requests (watch events) is flushed in one pass per wakeup."""
+    other clients' requests (watch events) is flushed in one pass per wakeup.
+
+    With a hub, the hypervisor's event fd is one of the hub's: a guest's kick is then served
+    like a socket client's request, without a trio pass while trio idles."""
     waker = Waker()
     pump.wakeup = waker.set
 
@@ -279,6 +286,13 @@ async def serve_domains(
 
     def on_dom_exc() -> None:
         contained("the domain-state scan (VIRQ_DOM_EXC)", pump.manager.on_dom_exc)
+
+    def on_events() -> None:
+        contained("reading the event channels", hv.handle_events, on_port_kicked, on_dom_exc)
+
+    def on_fail(e: BaseException) -> None:  # pragma: no cover - on_events contains everything
+        log.error("event channels: %r; serving them on", e)
+        hub.add(event_fd, on_events, on_fail)  # type: ignore[union-attr]
 
     async def flusher() -> None:
         while True:
@@ -294,11 +308,20 @@ async def serve_domains(
                 # until one succeeds, rather than wait for the next VIRQ that may never come.
                 contained("the domain-state scan (VIRQ_DOM_EXC)", pump.manager.on_dom_exc)
 
+    event_fd = hv.event_fd() if hub is not None else None
     async with trio.open_nursery() as nursery:
-        await nursery.start(hv.run, on_port_kicked, on_dom_exc)
+        if hub is not None and event_fd is not None:
+            hub.add(event_fd, on_events, on_fail)
+        else:
+            await nursery.start(hv.run, on_port_kicked, on_dom_exc)
         nursery.start_soon(flusher)
         interval = pump.core.config.ring_scan_interval
         if interval > 0:
             nursery.start_soon(scanner, interval)
         pump.flush()
         task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            if hub is not None and event_fd is not None:
+                hub.remove(event_fd)

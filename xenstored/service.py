@@ -265,15 +265,15 @@ class Service:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(serve_domains, self.pump, self.hv)
+                hub = Hub()
+                await nursery.start(hub.run)
+                await nursery.start(serve_domains, self.pump, self.hv, hub)
                 if self._listen_sock is not None:
                     sock = self._listen_sock
                     sock.listen(128)  # state restored, hypervisor up: now clients may come
                 else:
                     sock = pysocket.socket(fileno=self._listen_fd)
                 self._listen_fd = sock.fileno()
-                hub = Hub()
-                await nursery.start(hub.run)
                 await nursery.start(serve_listener, self.core, sock, hub)
                 for conn_id, fd in self._restored_sockets:
                     conn = self.core.connections[conn_id]

@@ -122,5 +122,16 @@ class Hypervisor(abc.ABC):
         the emulated backend only acknowledges a domain-changing command after that.
         """
 
+    def event_fd(self) -> int | None:
+        """An fd that is readable while events are pending, for an edge that waits for it
+        itself and then calls :meth:`handle_events` (server.serve_domains, through the hub:
+        a guest's request then costs no trio pass); None if only :meth:`run` can wait."""
+        return None
+
+    def handle_events(self, on_port_kicked: PortCallback, on_dom_exc: Callable[[], None]) -> None:
+        """Deliver what is pending now, as :meth:`run` does, without waiting; ``on_dom_exc``
+        must be synchronous here.  Only called when :meth:`event_fd` gave an fd."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release devices, sockets and mappings; the object is unusable afterwards."""

@@ -48,6 +48,7 @@ import mmap
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -496,6 +497,23 @@ class EmulatedHypervisor(Hypervisor):
                 self._sock.sendto(reply, socket.MSG_DONTWAIT, addr)
             except OSError:
                 pass  # the sender is gone or not reading; it asked, we tried
+
+    def event_fd(self) -> int | None:
+        return self._sock.fileno()
+
+    def handle_events(self, on_port_kicked: PortCallback, on_dom_exc: Callable[[], None]) -> None:
+        replies: list[tuple[bytes, str | bytes]] = []
+        try:
+            again, virq = self._drain(on_port_kicked, replies)
+            ports = self._ports
+            for port in again:
+                if port in ports:
+                    on_port_kicked(port)
+            if virq:
+                on_dom_exc()
+        finally:
+            if replies:
+                self._send_replies(replies)
 
     async def run(
         self,

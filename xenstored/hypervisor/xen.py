@@ -355,6 +355,33 @@ class XenHypervisor(Hypervisor):
         except OSError:
             pass  # the peer is gone; its cleanup arrives through VIRQ_DOM_EXC
 
+    def event_fd(self) -> int | None:
+        return self._fd
+
+    def handle_events(self, on_port_kicked: PortCallback, on_dom_exc: Callable[[], None]) -> None:
+        # /dev/xen/evtchn is readable while ports are pending; each read takes what is there.
+        try:
+            data = os.read(self._fd, 4 * 256)
+        except (BlockingIOError, InterruptedError):
+            return
+        ports = array.array("I")
+        ports.frombytes(data[: len(data) - len(data) % 4])
+        try:
+            virq = False
+            for port in dict.fromkeys(ports):
+                if port == self.virq_port:
+                    virq = True
+                else:
+                    on_port_kicked(port)
+            if virq:
+                on_dom_exc()
+        finally:
+            if ports:
+                try:
+                    os.write(self._fd, ports.tobytes())  # unmask what we handled
+                except OSError:
+                    pass
+
     async def run(
         self,
         on_port_kicked: PortCallback,
