@@ -248,3 +248,29 @@ def test_a_paused_fd_is_not_served_until_resumed() -> None:
     run(main)
     a.close()
     b.close()
+
+
+def test_a_handler_may_shut_the_hub_down() -> None:
+    """A request that stops the daemon (a control command) cancels the hub from inside a
+    handler: the hub hands back to trio, which unwinds cleanly."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+
+    async def main() -> Hub:
+        hub = Hub()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+
+            def on_readable() -> None:
+                a.recv(4096)
+                nursery.cancel_scope.cancel()
+
+            hub.add(a.fileno(), on_readable, fail)
+            threading.Thread(target=b.send, args=(b"stop",), daemon=True).start()
+            await trio.sleep_forever()
+        return hub
+
+    hub = run(main)
+    assert hub.served_idle == 1
+    a.close()
+    b.close()

@@ -44,7 +44,7 @@ MAX_EVENTS = 256
 class TrioInternals:
     """What idle mode needs from the running trio loop, or None from :meth:`find`."""
 
-    __slots__ = ("epoll", "next_deadline", "now", "runq", "wait_idle")
+    __slots__ = ("epoll", "next_deadline", "now", "registered", "runq", "wait_idle")
 
     def __init__(self) -> None:
         from trio._core import _run
@@ -54,6 +54,8 @@ class TrioInternals:
         if not isinstance(epoll, select.epoll) or getattr(runner, "is_guest", False):
             raise TypeError("trio does not run on its own epoll here")
         self.epoll: select.epoll = epoll
+        # fd -> its waiters (read_task, write_task): who trio still thinks waits on an fd.
+        self.registered: dict[int, object] = runner.io_manager._registered
         self.runq = runner.runq
         self.next_deadline: Callable[[], float] = runner.deadlines.next_deadline
         self.now: Callable[[], float] = runner.clock.current_time
@@ -61,6 +63,7 @@ class TrioInternals:
         float(self.next_deadline())
         float(self.now())
         len(self.runq)
+        self.registered.get(-1)
 
     @classmethod
     def find(cls) -> TrioInternals | None:
@@ -199,4 +202,8 @@ class Hub:
                     if back or runq:
                         break
             finally:
-                trio_.epoll.modify(busy_fd, _EPOLLIN | select.EPOLLONESHOT)
+                # Re-armed as trio's books say, unless a handler cancelled the busy task's wait
+                # meanwhile (trio then disarmed it itself and expects no event).
+                waiters = trio_.registered.get(busy_fd)
+                if getattr(waiters, "read_task", None) is not None:
+                    trio_.epoll.modify(busy_fd, _EPOLLIN | select.EPOLLONESHOT)
