@@ -8,7 +8,9 @@ One client sends READs one at a time (as libxl, xenbus and every ``xenstore-*`` 
   the kernel's cost of a request (wakeup, ``epoll_wait``, ``recv``, ``send``), plus the least
   Python can add;
 * ``oneshot``: the same, re-arming a one-shot epoll registration per request (trio's way);
-* ``trio``: the same, waiting with ``trio.lowlevel.wait_readable`` as our daemon does;
+* ``trio``: the same, waiting with ``trio.lowlevel.wait_readable`` (a task per connection, as
+  our daemon did before the hub);
+* ``hub``: the same, served by ``xenstored.hub`` as our daemon does now;
 * ``ours``: our daemon, a real READ of a real node;
 * the other daemon, if ``--against-cmd`` starts one.
 
@@ -16,7 +18,8 @@ Each is measured with client and daemon pinned to different CPUs (a cross-CPU wa
 message, as with a guest on its own vCPU) and to one CPU (a round trip is then both sides' CPU,
 what a busy dom0 pays).  Reported per request: the daemon's CPU (utime + stime from
 ``/proc/<pid>/stat``) and the round trip, medians over rounds that alternate the servers.
-``trio - raw`` is what trio's wait costs; ``ours - trio`` is our daemon's own work.
+``trio - raw`` is what trio's wait costs; ``hub - raw`` what the hub costs; ``ours - hub`` is our
+daemon's own work.
 """
 
 from __future__ import annotations
@@ -82,11 +85,11 @@ def main() -> None:
     ap.add_argument("--label", default="C")
     args = ap.parse_args()
 
-    kinds = ["raw", "oneshot", "trio", "ours"] + ([args.label] if args.against_cmd else [])
+    kinds = ["raw", "oneshot", "trio", "hub", "ours"] + ([args.label] if args.against_cmd else [])
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
-            if kind in ("raw", "oneshot", "trio"):
+            if kind in ("raw", "oneshot", "trio", "hub"):
                 d: object = _Floor(kind)
             elif kind == "ours":
                 d = start_ours()
@@ -111,7 +114,8 @@ def main() -> None:
     for label, lo, hi in (("kernel + minimal Python (raw)", None, "raw"),
                           ("re-arming per wait (oneshot - raw)", "raw", "oneshot"),
                           ("trio's scheduler (trio - oneshot)", "oneshot", "trio"),
-                          ("our daemon's own work (ours - trio)", "trio", "ours")):
+                          ("the hub instead (hub - raw)", "raw", "hub"),
+                          ("our daemon's own work (ours - hub)", "hub", "ours")):
         parts = []
         for k in ("apart_cpu_us", "one_cpu_cpu_us"):
             v = med(hi, k) - (med(lo, k) if lo else 0.0)

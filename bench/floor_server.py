@@ -8,7 +8,8 @@ with none of a daemon's work.  ``raw`` is a bare level-triggered epoll loop (3 s
 request: ``epoll_wait``, ``recv``, ``send``); ``oneshot`` is the same loop re-arming a one-shot
 registration after each request as trio does (the kernel's share of trio's wait); ``trio`` waits the way our daemon does, with
 ``trio.lowlevel.wait_readable`` (trio re-arms a one-shot registration per wait: a 4th syscall,
-``epoll_ctl``, and one pass of trio's scheduler).  ``bench.bench_floor`` runs both beside our
+``epoll_ctl``, and one pass of trio's scheduler); ``hub`` serves through ``xenstored.hub`` as the
+daemon does (while trio idles: ``epoll_wait``, ``recv``, ``send``, and no pass).  ``bench.bench_floor`` runs both beside our
 daemon and another one: the differences are the event loop's share and our own.
 """
 
@@ -19,6 +20,7 @@ import select
 import socket
 import struct
 import sys
+from collections.abc import Callable
 
 HEADER = struct.Struct("<IIII")
 REPLY_BODY = b"abc\0"
@@ -103,9 +105,47 @@ def serve_trio(path: str) -> None:
     trio.run(main)
 
 
+def serve_hub(path: str) -> None:
+    """The daemon's way since the hub: trio runs, and xenstored.hub serves each socket (in
+    epoll_wait itself while trio idles).  Its cost above ``raw`` is what the hub adds."""
+    import trio
+
+    from xenstored.hub import Hub
+
+    def handler(c: socket.socket, buf: bytearray, hub: Hub) -> Callable[[], None]:
+        def on_readable() -> None:
+            data = c.recv(65536)
+            if not data:
+                hub.remove(c.fileno())
+                c.close()
+                return
+            buf.extend(data)
+            reply = _replies(buf)
+            if reply:
+                c.send(reply)
+
+        return on_readable
+
+    def fail(e: BaseException) -> None:
+        raise SystemExit(f"floor server: {e!r}")
+
+    async def main() -> None:
+        ls = _listen(path)
+        hub = Hub()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            while True:
+                await trio.lowlevel.wait_readable(ls)
+                c, _ = ls.accept()
+                c.setblocking(False)
+                hub.add(c.fileno(), handler(c, bytearray(), hub), fail)
+
+    trio.run(main)
+
+
 if __name__ == "__main__":
     kind, sock_path = sys.argv[1], sys.argv[2]
     if kind == "oneshot":
         serve_raw(sock_path, oneshot=True)
     else:
-        {"raw": serve_raw, "trio": serve_trio}[kind](sock_path)
+        {"raw": serve_raw, "trio": serve_trio, "hub": serve_hub}[kind](sock_path)
