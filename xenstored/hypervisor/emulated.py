@@ -23,6 +23,9 @@ State directory (``$FAKEXEN_DIR``, default ``<rundir>/fx``):
     ``destroy 5`` can immediately observe the cleanup.  Kicks coalesce per port.
 ``dom<N>.evtchn``
     optional guest socket; notifying a port bound to domain N sends ``notify <remote_port>`` there.
+``domains``
+    the domain table (:mod:`xenstored.fxtable`): a log of ``<domid> <flags> <reason>`` lines,
+    one appended per change and compacted now and then; it outlives the daemon.
 ``xenstored.lock``
     held (``flock``) by the daemon serving this folder, and holding its pid: a second daemon
     pointed at the same folder would steal ``evtchn.sock`` and delete it on exit, so it refuses
@@ -167,7 +170,8 @@ class EmulatedHypervisor(Hypervisor):
             self._flags[d] = _EXISTS
         # The table outlives the daemon, as a real hypervisor does: a restarted daemon finds the
         # domains that exist now (some may have died while it was down), not FAKEXEN_DOMAINS.
-        saved = fxtable.load(self.dir)
+        self._table_file = fxtable.TableFile(self.dir)
+        saved = self._table_file.load()
         if saved is not None:
             self._flags = {d: f for d, (f, _r) in saved.items()}
             self._reason = {d: r for d, (_f, r) in saved.items() if r}
@@ -262,11 +266,24 @@ class EmulatedHypervisor(Hypervisor):
         self._save_table()
 
     def _save_table(self) -> None:
-        """Keep the domain table on disk after every change (fxtable): a failure costs the
-        durability of this change only, never the command."""
+        """Write the whole domain table (fxtable), compacted: at start-up and after a state
+        import.  A failure costs durability only, never the command."""
         table = {d: (f, self._reason.get(d, 0)) for d, f in self._flags.items()}
         try:
-            fxtable.save(self.dir, table)
+            self._table_file.save(table)
+        except OSError as e:
+            log.warning("emulated hypervisor: cannot save the domain table in %s: %s", self.dir, e)
+
+    def _save_domain(self, domid: int) -> None:
+        """Keep ``domid``'s change on disk: one appended line, O(1) in the number of domains
+        (rewriting the table made every create and destroy O(domains)); now and then the log is
+        compacted instead, which costs O(domains) once per O(domains) changes."""
+        tf = self._table_file
+        if tf.due(len(self._flags)):
+            self._save_table()
+            return
+        try:
+            tf.append(domid, self._flags.get(domid, 0), self._reason.get(domid, 0))
         except OSError as e:
             log.warning("emulated hypervisor: cannot save the domain table in %s: %s", self.dir, e)
 
@@ -274,7 +291,7 @@ class EmulatedHypervisor(Hypervisor):
     def create_domain(self, domid: int) -> None:
         self._flags[domid] = _EXISTS
         self._reason.pop(domid, None)
-        self._save_table()
+        self._save_domain(domid)
 
     def destroy_domain(self, domid: int) -> None:
         """Forget the domain and remove its ring file: its page dies with it (a mapping still
@@ -283,7 +300,7 @@ class EmulatedHypervisor(Hypervisor):
             raise ValueError("cannot destroy dom0")
         self._flags.pop(domid, None)
         self._reason.pop(domid, None)
-        self._save_table()
+        self._save_domain(domid)
         try:
             os.unlink(self.ring_path(domid))
         except OSError:
@@ -428,7 +445,7 @@ class EmulatedHypervisor(Hypervisor):
         else:
             return f"err unknown command {cmd}"[:200], None, False
         if cmd in ("dying", "shutdown", "crash"):
-            self._save_table()
+            self._save_domain(domid)
         return f"ok {cmd} {domid}", None, True
 
     def _drain(
@@ -536,6 +553,7 @@ class EmulatedHypervisor(Hypervisor):
             except OSError:
                 pass
             self._remove_ring_files()
+        self._table_file.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # last: the folder is clean before another daemon may take it
             self._lock_fd = -1
