@@ -360,3 +360,38 @@ def test_emulated_domain_changes_write_o1_bytes_in_the_number_of_domains(tmp_pat
         finally:
             hv.close()
     assert per_change[BIG // 10] <= 3 * per_change[SMALL], per_change
+
+
+def test_emulated_event_channel_binding_does_not_scan_the_bound_ports(tmp_path: Path) -> None:
+    """INTRODUCE binds an event channel and RELEASE unbinds it: with 1,000 domains bound, finding
+    the lowest free port, the next binding of a pair and the kick cache's stale entry must not
+    look at every bound port (that made INTRODUCE and RELEASE grow with the domains)."""
+    from xenstored.hypervisor.emulated import EmulatedHypervisor
+
+    counts = []
+    for n in (SMALL, BIG // 10):
+        hv = EmulatedHypervisor(tmp_path / f"fx{n}", domains=f"1-{n + 1}")
+        try:
+            for d in range(1, n + 1):
+                hv._kicks[b"notify %d 1" % d] = hv.bind_interdomain(d, 1)  # as _learn_kick leaves it
+            counter: Counter[str] = Counter()
+            violations: list[str] = []
+            hv._ports = CountingDict("hv._ports", hv._ports, counter, violations)  # type: ignore[assignment]
+            hv._kicks = CountingDict("hv._kicks", hv._kicks, counter, violations)  # type: ignore[assignment]
+            for cd in (hv._ports, hv._kicks):
+                cd.armed = True  # type: ignore[attr-defined]
+            p = hv.bind_interdomain(n + 1, 1)
+            q = hv.bind_interdomain(n + 1, 1)  # a second binding of the same pair
+            hv.unbind(p)
+            assert hv.command(f"notify {n + 1} 1")[0] == f"ok notify {q}"
+            hv.unbind(q)
+            hv.unbind(5)
+            assert hv.bind_interdomain(n + 1, 1) == 5  # the lowest free port, as fakexen
+            for cd in (hv._ports, hv._kicks):
+                cd.armed = False  # type: ignore[attr-defined]
+            assert not violations, violations
+            assert len(hv._kicks) == n - 1  # only dom4's (port 5) cached kick went
+            counts.append(counter)
+        finally:
+            hv.close()
+    assert counts[0] == counts[1], counts

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import inspect
 import logging
 import mmap
@@ -181,6 +182,13 @@ class EmulatedHypervisor(Hypervisor):
         # (domid, remote port) -> lowest local port bound to it: a kick costs one lookup, however
         # many domains there are.
         self._by_remote: dict[tuple[int, int], int] = {}
+        # Every local port bound to each (domid, remote port) pair (nearly always one): when the
+        # lowest goes, the next is found here, not by a sort of every binding.
+        self._pair_ports: dict[tuple[int, int], list[int]] = {}
+        # Free ports below _next_port, as a heap: binding takes the lowest free port, as
+        # fakexen does, without scanning the bound ones (O(log ports), not O(ports)).
+        self._free_ports: list[int] = []
+        self._next_port = 1
         # The exact datagram a guest kicks with (``notify <domid> <rport>``, as our Guest and the
         # oracle's xsring send it) -> its local port, learnt from the first such kick and dropped
         # whenever a binding changes: a kick then costs one dict lookup instead of decoding and
@@ -364,25 +372,43 @@ class EmulatedHypervisor(Hypervisor):
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         if self.domain_info(domid) is None:
             raise XsError("EINVAL", f"bind to nonexistent dom{domid}")
-        for p in range(1, MAX_PORT):
-            if p != self.virq_port and p not in self._ports:
-                self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
-                self._kicks.clear()
-                self._by_remote.setdefault((domid, remote_port), p)
-                return p
-        raise XsError("ENOSPC", "no free event channel port")
+        if self._free_ports:
+            p = heapq.heappop(self._free_ports)
+        else:
+            p = self._next_port
+            while p == self.virq_port:
+                p += 1
+            if p >= MAX_PORT:
+                raise XsError("ENOSPC", "no free event channel port")
+            self._next_port = p + 1
+        pair = (domid, remote_port)
+        self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
+        self._pair_ports.setdefault(pair, []).append(p)
+        self._by_remote.setdefault(pair, p)
+        self._forget_kick(pair)
+        return p
 
     def unbind(self, local_port: int) -> None:
         port = self._ports.pop(local_port, None)
-        if port is not None:
-            self._kicks.clear()
-            port.close()
-            if self._by_remote.get((port.domid, port.rport)) == local_port:
-                del self._by_remote[(port.domid, port.rport)]
-                for p, b in sorted(self._ports.items()):  # another binding of the same pair
-                    if (b.domid, b.rport) == (port.domid, port.rport):
-                        self._by_remote[(b.domid, b.rport)] = p
-                        break
+        if port is None:
+            return
+        port.close()
+        heapq.heappush(self._free_ports, local_port)
+        pair = (port.domid, port.rport)
+        self._forget_kick(pair)
+        bound = self._pair_ports[pair]
+        bound.remove(local_port)
+        if not bound:
+            del self._pair_ports[pair]
+            self._by_remote.pop(pair, None)
+        elif self._by_remote.get(pair) == local_port:
+            self._by_remote[pair] = min(bound)  # another binding of the same pair
+
+    def _forget_kick(self, pair: tuple[int, int]) -> None:
+        """A binding of ``pair`` changed: the one cached kick that resolves through it goes (only
+        the canonical ``notify <domid> <rport>`` is ever cached).  Clearing the whole cache made
+        every other guest's next kick take the parsing path, at each INTRODUCE and RELEASE."""
+        self._kicks.pop(b"notify %d %d" % pair, None)
 
     def _first_port(self, domid: int) -> int | None:
         """``notify <domid>`` without a port: the domain's lowest bound port (rare)."""
