@@ -171,6 +171,9 @@ class EmulatedHypervisor(Hypervisor):
             self._flags[d] = _EXISTS
         # The table outlives the daemon, as a real hypervisor does: a restarted daemon finds the
         # domains that exist now (some may have died while it was down), not FAKEXEN_DOMAINS.
+        # Domains changed since the daemon's last scan (changed_domains); None: unknown (at
+        # start, after a state import or a bare ``virq``), so the next scan looks at them all.
+        self._changed: set[int] | None = None
         self._table_file = fxtable.TableFile(self.dir)
         saved = self._table_file.load()
         if saved is not None:
@@ -263,6 +266,16 @@ class EmulatedHypervisor(Hypervisor):
         entries = sorted(self._flags.items())
         return "".join(f"{d} {f} {self._reason.get(d, 0)}\n" for d, f in entries).encode("ascii")
 
+    def changed_domains(self) -> set[int] | None:
+        """The domains a command changed since the last call (a VIRQ_DOM_EXC scan then looks at
+        those, not at every domain), or None when the scan must look at all of them."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def _note_change(self, domid: int) -> None:
+        if self._changed is not None:
+            self._changed.add(domid)
+
     def import_state(self, data: bytes) -> None:
         for line in data.decode("ascii", "replace").splitlines():
             parts = line.split()
@@ -271,6 +284,7 @@ class EmulatedHypervisor(Hypervisor):
                 self._flags[d] = f
                 if r:
                     self._reason[d] = r
+        self._changed = None
         self._save_table()
 
     def _save_table(self) -> None:
@@ -299,6 +313,7 @@ class EmulatedHypervisor(Hypervisor):
     def create_domain(self, domid: int) -> None:
         self._flags[domid] = _EXISTS
         self._reason.pop(domid, None)
+        self._note_change(domid)
         self._save_domain(domid)
 
     def destroy_domain(self, domid: int) -> None:
@@ -308,6 +323,7 @@ class EmulatedHypervisor(Hypervisor):
             raise ValueError("cannot destroy dom0")
         self._flags.pop(domid, None)
         self._reason.pop(domid, None)
+        self._note_change(domid)
         self._save_domain(domid)
         try:
             os.unlink(self.ring_path(domid))
@@ -443,10 +459,12 @@ class EmulatedHypervisor(Hypervisor):
             return f"ok notify {p}", p, False
         if cmd == "port" and domid is not None:
             if domid == self.virq_port:
+                self._changed = None  # a bare VIRQ: who knows what changed
                 return f"ok port {domid}", None, True
             if domid in self._ports:
                 return f"ok port {domid}", domid, False
         if cmd == "virq":
+            self._changed = None
             return f"ok virq {self.virq_port}", None, True
         if domid is None or not 0 <= domid < MAX_DOMID:
             return "err bad command", None, False
@@ -471,6 +489,7 @@ class EmulatedHypervisor(Hypervisor):
         else:
             return f"err unknown command {cmd}"[:200], None, False
         if cmd in ("dying", "shutdown", "crash"):
+            self._note_change(domid)
             self._save_domain(domid)
         return f"ok {cmd} {domid}", None, True
 
