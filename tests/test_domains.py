@@ -412,3 +412,93 @@ def test_hundred_domains_at_once(daemon, d0):
             errors[k] = errors.get(k, 0) + v
     assert errors == {}
     print(f"100 domains x 100 ops: {time.perf_counter() - start:.1f}s")
+
+
+# ------------------------------------------------------------------ the death scan's hint
+def _emulated_world(tmp_path):  # type: ignore[no-untyped-def]
+    from sansio import Peer, make_core
+
+    from xenstored.domains import DomainManager
+    from xenstored.hypervisor.emulated import EmulatedHypervisor
+
+    hv = EmulatedHypervisor(tmp_path / "fx", domains="")
+    core = make_core()
+    mgr = DomainManager(core, hv)
+    mgr.on_dom_exc()  # the first scan looks at everything; the next ones take the hint
+    return hv, core, mgr, Peer(core)
+
+
+def test_a_scan_told_what_changed_still_sees_domains_introduced_dying(tmp_path):
+    """The emulated hypervisor tells the scan which domains changed; a domain introduced after
+    it died (dying, not yet gone) or re-shut down after RESUME changed nothing since, and is
+    still cleaned up or reported at the next VIRQ, whichever domain raised it."""
+    hv, core, mgr, d0 = _emulated_world(tmp_path)
+    try:
+        for domid in (5, 6):
+            hv.command(f"create {domid}")
+        hv.command("dying 5")
+        hv.command("shutdown 6")
+        mgr.on_dom_exc()
+        for domid in (5, 6):
+            assert d0.call(Op.INTRODUCE, f"{domid}\0{domid}\0{1}\0".encode()) == b"OK\0"
+        released = []
+        core.fire_special = lambda name, domid: released.append((name, domid))  # type: ignore[method-assign]
+        hv.command("create 9")  # another domain's VIRQ
+        mgr.on_dom_exc()
+        assert d0.call(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
+        assert ("@releaseDomain", 6) in released and ("@releaseDomain", 5) in released
+        released.clear()
+        hv.command("create 10")
+        mgr.on_dom_exc()
+        assert released == []  # reported once
+        assert d0.call(Op.RESUME, b"6\0") == b"OK\0"
+        hv.command("create 11")
+        mgr.on_dom_exc()
+        assert released == [("@releaseDomain", 6)]  # again after RESUME
+    finally:
+        hv.close()
+
+
+def test_a_scan_told_what_changed_strips_permissions_naming_a_dead_domain(tmp_path):
+    """A domain never introduced but named in a permission has a record (XSA-417); when the
+    hypervisor destroys it, the scan it is told about strips the entry and drops the record."""
+    hv, core, mgr, d0 = _emulated_world(tmp_path)
+    try:
+        hv.command("create 77")
+        mgr.on_dom_exc()
+        d0.write("/common", "")
+        d0.setperms("/common", "n0", "r77")
+        assert 77 in core.domains and not core.domains[77].introduced
+        hv.command("create 9")
+        mgr.on_dom_exc()
+        assert d0.getperms("/common") == ["n0", "r77"]
+        hv.command("destroy 77")
+        mgr.on_dom_exc()
+        assert 77 not in core.domains
+        assert d0.getperms("/common") == ["n0"]
+    finally:
+        hv.close()
+
+
+def test_a_failed_scan_makes_the_next_look_at_every_domain(tmp_path):
+    """The hint is spent when a scan starts: one that fails half-way leaves the next to look at
+    all domains, so a death it missed is not lost."""
+    hv, _core, mgr, d0 = _emulated_world(tmp_path)
+    try:
+        hv.command("create 5")
+        assert d0.call(Op.INTRODUCE, b"5\x005\x001\x00") == b"OK\0"
+        mgr.on_dom_exc()
+        hv.command("destroy 5")
+        real = mgr.destroy
+
+        def failing(dom, why):  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom")
+
+        mgr.destroy = failing  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            mgr.on_dom_exc()
+        mgr.destroy = real  # type: ignore[method-assign]
+        mgr.on_dom_exc()  # no change since: the hint is empty, the rescan is not
+        assert d0.call(Op.IS_DOMAIN_INTRODUCED, b"5\0") == b"F\0"
+    finally:
+        hv.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from xenstored import fxtable
 from xenstored.hypervisor import choose
 from xenstored.hypervisor.emulated import EmulatedHypervisor, parse_domain_list
 from xenstored.ring import GuestRing, Ring
@@ -87,6 +88,81 @@ def test_prepopulated_domains(fxdir: Path) -> None:
     finally:
         hv.close()
     assert not (fxdir / "evtchn.sock").exists()
+
+
+def test_domain_table_is_a_log_replayed_by_the_next_process(fxdir: Path) -> None:
+    """Each change appends one line to the table file; the next process (or fxtable.load)
+    replays them: a domain's last line is its state, a destroy removes it."""
+    hv = EmulatedHypervisor(fxdir, domains="1-3")
+    try:
+        lines = (fxdir / fxtable.FILE).read_bytes().count(b"\n")
+        hv.create_domain(7)
+        hv.command("shutdown 7 2")
+        hv.command("crash 2")
+        hv.command("dying 3")
+        hv.destroy_domain(1)
+        assert (fxdir / fxtable.FILE).read_bytes().count(b"\n") == lines + 5
+        want = [(d.domid, d.shutdown, d.crashed, d.dying, d.shutdown_reason) for d in hv.domains()]
+    finally:
+        hv.close()
+    assert fxtable.load(fxdir) == {
+        0: (fxtable.EXISTS, 0),
+        2: (fxtable.EXISTS | fxtable.CRASHED, fxtable.SHUTDOWN_CRASH),
+        3: (fxtable.EXISTS | fxtable.DYING, 0),
+        7: (fxtable.EXISTS | fxtable.SHUTDOWN, 2),
+    }
+    hv = EmulatedHypervisor(fxdir, domains="9")  # the table wins over FAKEXEN_DOMAINS
+    try:
+        got = [(d.domid, d.shutdown, d.crashed, d.dying, d.shutdown_reason) for d in hv.domains()]
+        assert got == want and [g[0] for g in got] == [0, 2, 3, 7]
+    finally:
+        hv.close()
+
+
+def test_domain_table_log_is_compacted(fxdir: Path) -> None:
+    """Churn does not grow the file without bound: past twice the live domains (plus some
+    slack) it is rewritten as one line per domain, and reads back the same."""
+    hv = EmulatedHypervisor(fxdir, domains="1-5")
+    try:
+        most = 0
+        for i in range(500):
+            hv.create_domain(100 + i % 3)
+            hv.destroy_domain(100 + i % 3)
+            most = max(most, (fxdir / fxtable.FILE).read_bytes().count(b"\n"))
+        assert most <= fxtable.COMPACT_FACTOR * 9 + fxtable.COMPACT_SLACK + 1
+        assert most > fxtable.COMPACT_SLACK  # it did append rather than rewrite each time
+    finally:
+        hv.close()
+    assert sorted(fxtable.load(fxdir) or {}) == [0, 1, 2, 3, 4, 5]
+
+
+def test_old_snapshot_tables_still_load(fxdir: Path) -> None:
+    """A table written before the log existed (one line per domain) is a log already."""
+    fxdir.mkdir()
+    (fxdir / fxtable.FILE).write_text("0 1 0\n4 5 3\n6 1 0\n")
+    assert fxtable.load(fxdir) == {0: (1, 0), 4: (5, 3), 6: (1, 0)}
+
+
+def test_a_torn_last_line_is_ignored_and_compacted_away(fxdir: Path) -> None:
+    """A crash in the middle of an append leaves part of a line: it is not read, and the next
+    writer rewrites the file instead of gluing its line onto the fragment."""
+    fxdir.mkdir()
+    path = fxdir / fxtable.FILE
+    path.write_bytes(b"0 1 0\n5 1 0\n5 0 0\n1")  # "5 0 0" destroyed 5; "1..." is torn
+    assert fxtable.load(fxdir) == {0: (1, 0)}
+    assert fxtable.apply_offline(fxdir, "create 8") == "ok create 8"
+    assert path.read_bytes() == b"0 1 0\n8 1 0\n"
+    assert fxtable.apply_offline(fxdir, "destroy 8") == "ok destroy 8"
+    assert path.read_bytes() == b"0 1 0\n8 1 0\n8 0 0\n"  # appended
+    assert fxtable.apply_offline(fxdir, "exists 8") == "ok 0"
+    path.write_bytes(path.read_bytes() + b"3 1")
+    hv = EmulatedHypervisor(fxdir, domains="")
+    try:
+        assert [d.domid for d in hv.domains()] == [0]
+        hv.create_domain(3)
+        assert path.read_bytes() == b"0 1 0\n3 1 0\n"
+    finally:
+        hv.close()
 
 
 def test_domains_from_environment(fxdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

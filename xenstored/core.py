@@ -118,6 +118,9 @@ class Core:
         self.refusals = RefusalLog()
         self.metrics = Metrics()  # counters the dispatcher bumps; gauges come from metrics_state
         self.domains: dict[int, Domain] = {}
+        # Records created since the last domain-state scan (VIRQ_DOM_EXC): a scan that the
+        # hypervisor tells which domains changed looks at these too (DomainManager.on_dom_exc).
+        self.new_domains: set[int] = set()
         self.connections: dict[int, Connection] = {}
         self.priv_domid = self.config.priv_domid
         owner = perms.owner_only(self.priv_domid)
@@ -163,6 +166,7 @@ class Core:
         if dom is None:
             dom = Domain(domid, self.config.quotas.copy())
             self.domains[domid] = dom
+            self.new_domains.add(domid)
             self.domain_changed(dom)
         return dom
 

@@ -76,6 +76,11 @@ class Hypervisor(abc.ABC):
     def domains(self) -> list[DomainInfo]:
         """Every existing domain, by ascending domid (for the VIRQ_DOM_EXC rescan)."""
 
+    def changed_domains(self) -> set[int] | None:
+        """The domains whose state changed since the last call, or None when that is not known
+        (Xen's VIRQ_DOM_EXC does not say which domain): the daemon then rescans them all."""
+        return None
+
     def domain_exists(self, domid: int) -> bool:
         return self.domain_info(domid) is not None
 

@@ -23,6 +23,9 @@ State directory (``$FAKEXEN_DIR``, default ``<rundir>/fx``):
     ``destroy 5`` can immediately observe the cleanup.  Kicks coalesce per port.
 ``dom<N>.evtchn``
     optional guest socket; notifying a port bound to domain N sends ``notify <remote_port>`` there.
+``domains``
+    the domain table (:mod:`xenstored.fxtable`): a log of ``<domid> <flags> <reason>`` lines,
+    one appended per change and compacted now and then; it outlives the daemon.
 ``xenstored.lock``
     held (``flock``) by the daemon serving this folder, and holding its pid: a second daemon
     pointed at the same folder would steal ``evtchn.sock`` and delete it on exit, so it refuses
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import inspect
 import logging
 import mmap
@@ -168,7 +172,11 @@ class EmulatedHypervisor(Hypervisor):
             self._flags[d] = _EXISTS
         # The table outlives the daemon, as a real hypervisor does: a restarted daemon finds the
         # domains that exist now (some may have died while it was down), not FAKEXEN_DOMAINS.
-        saved = fxtable.load(self.dir)
+        # Domains changed since the daemon's last scan (changed_domains); None: unknown (at
+        # start, after a state import or a bare ``virq``), so the next scan looks at them all.
+        self._changed: set[int] | None = None
+        self._table_file = fxtable.TableFile(self.dir)
+        saved = self._table_file.load()
         if saved is not None:
             self._flags = {d: f for d, (f, _r) in saved.items()}
             self._reason = {d: r for d, (_f, r) in saved.items() if r}
@@ -178,6 +186,13 @@ class EmulatedHypervisor(Hypervisor):
         # (domid, remote port) -> lowest local port bound to it: a kick costs one lookup, however
         # many domains there are.
         self._by_remote: dict[tuple[int, int], int] = {}
+        # Every local port bound to each (domid, remote port) pair (nearly always one): when the
+        # lowest goes, the next is found here, not by a sort of every binding.
+        self._pair_ports: dict[tuple[int, int], list[int]] = {}
+        # Free ports below _next_port, as a heap: binding takes the lowest free port, as
+        # fakexen does, without scanning the bound ones (O(log ports), not O(ports)).
+        self._free_ports: list[int] = []
+        self._next_port = 1
         # The exact datagram a guest kicks with (``notify <domid> <rport>``, as our Guest and the
         # oracle's xsring send it) -> its local port, learnt from the first such kick and dropped
         # whenever a binding changes: a kick then costs one dict lookup instead of decoding and
@@ -252,6 +267,16 @@ class EmulatedHypervisor(Hypervisor):
         entries = sorted(self._flags.items())
         return "".join(f"{d} {f} {self._reason.get(d, 0)}\n" for d, f in entries).encode("ascii")
 
+    def changed_domains(self) -> set[int] | None:
+        """The domains a command changed since the last call (a VIRQ_DOM_EXC scan then looks at
+        those, not at every domain), or None when the scan must look at all of them."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def _note_change(self, domid: int) -> None:
+        if self._changed is not None:
+            self._changed.add(domid)
+
     def import_state(self, data: bytes) -> None:
         for line in data.decode("ascii", "replace").splitlines():
             parts = line.split()
@@ -260,14 +285,28 @@ class EmulatedHypervisor(Hypervisor):
                 self._flags[d] = f
                 if r:
                     self._reason[d] = r
+        self._changed = None
         self._save_table()
 
     def _save_table(self) -> None:
-        """Keep the domain table on disk after every change (fxtable): a failure costs the
-        durability of this change only, never the command."""
+        """Write the whole domain table (fxtable), compacted: at start-up and after a state
+        import.  A failure costs durability only, never the command."""
         table = {d: (f, self._reason.get(d, 0)) for d, f in self._flags.items()}
         try:
-            fxtable.save(self.dir, table)
+            self._table_file.save(table)
+        except OSError as e:
+            log.warning("emulated hypervisor: cannot save the domain table in %s: %s", self.dir, e)
+
+    def _save_domain(self, domid: int) -> None:
+        """Keep ``domid``'s change on disk: one appended line, O(1) in the number of domains
+        (rewriting the table made every create and destroy O(domains)); now and then the log is
+        compacted instead, which costs O(domains) once per O(domains) changes."""
+        tf = self._table_file
+        if tf.due(len(self._flags)):
+            self._save_table()
+            return
+        try:
+            tf.append(domid, self._flags.get(domid, 0), self._reason.get(domid, 0))
         except OSError as e:
             log.warning("emulated hypervisor: cannot save the domain table in %s: %s", self.dir, e)
 
@@ -275,7 +314,8 @@ class EmulatedHypervisor(Hypervisor):
     def create_domain(self, domid: int) -> None:
         self._flags[domid] = _EXISTS
         self._reason.pop(domid, None)
-        self._save_table()
+        self._note_change(domid)
+        self._save_domain(domid)
 
     def destroy_domain(self, domid: int) -> None:
         """Forget the domain and remove its ring file: its page dies with it (a mapping still
@@ -284,7 +324,8 @@ class EmulatedHypervisor(Hypervisor):
             raise ValueError("cannot destroy dom0")
         self._flags.pop(domid, None)
         self._reason.pop(domid, None)
-        self._save_table()
+        self._note_change(domid)
+        self._save_domain(domid)
         try:
             os.unlink(self.ring_path(domid))
         except OSError:
@@ -348,25 +389,43 @@ class EmulatedHypervisor(Hypervisor):
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         if self.domain_info(domid) is None:
             raise XsError("EINVAL", f"bind to nonexistent dom{domid}")
-        for p in range(1, MAX_PORT):
-            if p != self.virq_port and p not in self._ports:
-                self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
-                self._kicks.clear()
-                self._by_remote.setdefault((domid, remote_port), p)
-                return p
-        raise XsError("ENOSPC", "no free event channel port")
+        if self._free_ports:
+            p = heapq.heappop(self._free_ports)
+        else:
+            p = self._next_port
+            while p == self.virq_port:
+                p += 1
+            if p >= MAX_PORT:
+                raise XsError("ENOSPC", "no free event channel port")
+            self._next_port = p + 1
+        pair = (domid, remote_port)
+        self._ports[p] = _Port(domid, remote_port, str(self.dir / f"dom{domid}.evtchn"))
+        self._pair_ports.setdefault(pair, []).append(p)
+        self._by_remote.setdefault(pair, p)
+        self._forget_kick(pair)
+        return p
 
     def unbind(self, local_port: int) -> None:
         port = self._ports.pop(local_port, None)
-        if port is not None:
-            self._kicks.clear()
-            port.close()
-            if self._by_remote.get((port.domid, port.rport)) == local_port:
-                del self._by_remote[(port.domid, port.rport)]
-                for p, b in sorted(self._ports.items()):  # another binding of the same pair
-                    if (b.domid, b.rport) == (port.domid, port.rport):
-                        self._by_remote[(b.domid, b.rport)] = p
-                        break
+        if port is None:
+            return
+        port.close()
+        heapq.heappush(self._free_ports, local_port)
+        pair = (port.domid, port.rport)
+        self._forget_kick(pair)
+        bound = self._pair_ports[pair]
+        bound.remove(local_port)
+        if not bound:
+            del self._pair_ports[pair]
+            self._by_remote.pop(pair, None)
+        elif self._by_remote.get(pair) == local_port:
+            self._by_remote[pair] = min(bound)  # another binding of the same pair
+
+    def _forget_kick(self, pair: tuple[int, int]) -> None:
+        """A binding of ``pair`` changed: the one cached kick that resolves through it goes (only
+        the canonical ``notify <domid> <rport>`` is ever cached).  Clearing the whole cache made
+        every other guest's next kick take the parsing path, at each INTRODUCE and RELEASE."""
+        self._kicks.pop(b"notify %d %d" % pair, None)
 
     def _first_port(self, domid: int) -> int | None:
         """``notify <domid>`` without a port: the domain's lowest bound port (rare)."""
@@ -401,10 +460,12 @@ class EmulatedHypervisor(Hypervisor):
             return f"ok notify {p}", p, False
         if cmd == "port" and domid is not None:
             if domid == self.virq_port:
+                self._changed = None  # a bare VIRQ: who knows what changed
                 return f"ok port {domid}", None, True
             if domid in self._ports:
                 return f"ok port {domid}", domid, False
         if cmd == "virq":
+            self._changed = None
             return f"ok virq {self.virq_port}", None, True
         if domid is None or not 0 <= domid < MAX_DOMID:
             return "err bad command", None, False
@@ -429,7 +490,8 @@ class EmulatedHypervisor(Hypervisor):
         else:
             return f"err unknown command {cmd}"[:200], None, False
         if cmd in ("dying", "shutdown", "crash"):
-            self._save_table()
+            self._note_change(domid)
+            self._save_domain(domid)
         return f"ok {cmd} {domid}", None, True
 
     def _drain(
@@ -554,6 +616,7 @@ class EmulatedHypervisor(Hypervisor):
             except OSError:
                 pass
             self._remove_ring_files()
+        self._table_file.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # last: the folder is clean before another daemon may take it
             self._lock_fd = -1
