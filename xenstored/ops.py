@@ -292,10 +292,15 @@ def rm_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """RM outside a transaction of a node that exists: the store removes the subtree as one
     generation, without a write set.  Returns None for what the general path decides (a missing
     node, the root)."""
-    found = _live_record(core, conn, msg, WRITE)
-    if found is None or found[0] == paths.ROOT:
+    path = node_path(conn, single_arg(msg.payload))
+    store = core.store
+    found = store.lookup(path)
+    if found is None or path == paths.ROOT:
         return None
-    core.fire_removed(core.store.remove(found[0]))
+    key, rec = found
+    if not conn.privileged and not can(core, conn, store.record_perms(rec), WRITE):
+        raise XsError("EACCES")
+    core.fire_removed(store.remove(path, key))
     return OK
 
 

@@ -547,10 +547,16 @@ class Store:
     def _child_list_changed(self, path: str, gen: int) -> None:
         """The node at ``path`` gained or lost a child in commit ``gen``: a new version with
         the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone)."""
-        cur = self._latest(path)
-        if cur is not None:
-            vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
-            self._put_record(path, cur[:_TAIL] + _REC.pack(vgen, gen, pid), gen)
+        found = self.lookup(path)
+        if found is None:
+            return
+        (_path, entries, i), cur = found
+        vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
+        rec = cur[:_TAIL] + _REC.pack(vgen, gen, pid)
+        if entries is not None and not self._snapshots and not self._old:
+            entries[i] = rec  # nothing to keep for a snapshot: where lookup found it
+        else:
+            self._put_record(path, rec, gen)
 
     def overwrite(self, key: Key, cur: Record, value: bytes) -> int:
         """Replace the value of a live node as a commit of its own, keeping its permissions and
@@ -592,10 +598,13 @@ class Store:
             self._collect()
         return gen
 
-    def remove(self, path: str) -> list[tuple[str, Perms]]:
+    def remove(self, path: str, key: Key | None = None) -> list[tuple[str, Perms]]:
         """Delete a live node (not the root) and its subtree as a commit of its own (RM outside
         a transaction), iteratively.  Returns each removed path with its permissions, top first,
-        then pre-order, for watch events."""
+        then pre-order, for watch events.  ``key`` is what :meth:`lookup` found in the same
+        request, if the caller has it."""
+        if not self._snapshots and not self._old:
+            return self._remove_unseen(path, key)
         gen = self.gen + 1
         perm_lists = self._perm_lists
         removed: list[tuple[str, Perms]] = []
@@ -614,6 +623,57 @@ class Store:
         self._child_list_changed(parent(path), gen)
         self.gen = gen
         self._collect()
+        return removed
+
+    def _remove_unseen(self, path: str, key: Key | None) -> list[tuple[str, Perms]]:
+        """:meth:`remove` when no snapshot is open (the usual case, and every RM of test-xenstore
+        or a toolstack's cleanup): no version needs keeping, so the subtree's directories are
+        dropped whole (one dict pop each) and the top's entry cut from its parent's list,
+        instead of a search and a tombstone per node: RM of a directory costs its nodes' count,
+        journal record and event, nothing more."""
+        gen = self.gen + 1
+        dirs = self._dirs
+        up, head = _split(path)
+        if key is not None and key[1] is not None and key[1][key[2]].startswith(head):
+            entries: list[Record] | SortedList = key[1]
+            sub, i = key[1], key[2]
+        else:
+            found = dirs.get(up)
+            if found is None:
+                return []
+            entries = found
+            sub, i = _slot(entries, head)
+            if i >= len(sub) or not sub[i].startswith(head):
+                return []
+        top = sub[i]
+        self._delete(up, entries, sub, i)
+        perm_lists, unpack, tail = self._perm_lists, _REC.unpack_from, _REC_SIZE
+        owned, owned_bytes = self.owned, self.owned_bytes
+        nlog = self.log
+        removed: list[tuple[str, Perms]] = []
+        stack = [(path, top)]
+        while stack:
+            p, rec = stack.pop()
+            node_perms = perm_lists[unpack(rec, len(rec) - tail)[2]]
+            removed.append((p, node_perms))
+            if nlog is not None:
+                nlog.removed(p)
+            o = node_perms[0].domid  # _charge(p, rec, -1), inlined
+            n = owned.get(o, 0) - 1
+            if n > 0:
+                owned[o] = n
+                owned_bytes[o] -= NODE_OVERHEAD + len(p) + len(rec) - tail - 1 - rec.index(0) + 8 * len(node_perms)
+            else:
+                owned.pop(o, None)
+                owned_bytes.pop(o, None)
+            children = dirs.pop(p, None)
+            if children:
+                prefix = p + "/"
+                stack.extend([(prefix + e[: e.index(0)].decode(), e) for e in reversed(children)])
+        self._child_list_changed(up, gen)
+        self.gen = gen
+        if self._garbage:
+            self._collect()
         return removed
 
     def load(self, nodes: dict[str, tuple[bytes, Perms]]) -> list[str]:
