@@ -12,7 +12,8 @@ The requests are the ones Xen's ``test-xenstore`` times (paths relative to the c
 as it sends them: ``xenstore-test/<pid>/a``) plus MKDIR, GET_PERMS, SET_PERMS and a transaction
 start/end.  Cases needing a fresh node (``rm node``, ``rm dir``, ``mkdir``) recreate it between
 two timed requests, untimed.  Each figure is the median over ``--reps`` timed requests, and the
-reported value the median of ``--rounds`` such medians (µs); the machine is shared, so compare
+reported value the median of ``--rounds`` such medians (µs), with the median of the rounds'
+means beside it; the machine is shared, so compare
 figures of one run, or runs close in time.
 
 ``--profile OP`` runs that case under cProfile instead and prints the top of its profile.
@@ -147,8 +148,9 @@ class Bench:
             "ta read": (None, read_in_tx),
         }
 
-    def measure(self, name: str, reps: int) -> float:
-        """Median µs of ``reps`` timed requests of one case; leaves no transaction open."""
+    def measure(self, name: str, reps: int) -> tuple[float, float]:
+        """Median and mean µs of ``reps`` timed requests of one case (a cost paid once in a
+        while, such as a page fault, shows in the mean); leaves no transaction open."""
         setup, timed = self._cases[name]
         if name == "ta read":
             self._start_tx()  # one open transaction, read over and over
@@ -162,7 +164,7 @@ class Bench:
         if name in ("ta read", "ta start"):
             self._end_open()
         assert not self.conn.transactions, name
-        return statistics.median(samples) / 1000
+        return statistics.median(samples) / 1000, statistics.fmean(samples) / 1000
 
 
 def main() -> None:
@@ -201,15 +203,16 @@ def main() -> None:
                 raise SystemExit(f"{name}: the request failed: {reply[16:]!r}")
             b._end_open()
         gc.collect()
-        results: dict[str, list[float]] = {n: [] for n in names}
+        results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
         for _ in range(a.rounds):
             for name in names:  # rounds interleave the cases: a noisy moment hits them all
                 results[name].append(b.measure(name, a.reps))
         width = max(len(n) for n in names)
-        print(f"{'case':<{width}}  median µs  (min..max of {a.rounds} round medians)")
+        print(f"{'case':<{width}}  median µs  (min..max of {a.rounds} round medians)  mean µs")
         for name in names:
-            r = results[name]
-            print(f"{name:<{width}}  {statistics.median(r):8.2f}  ({min(r):.2f}..{max(r):.2f})")
+            r = [m for m, _ in results[name]]
+            mean = statistics.median(x for _, x in results[name])
+            print(f"{name:<{width}}  {statistics.median(r):8.2f}  ({min(r):.2f}..{max(r):.2f}){mean:14.2f}")
     finally:
         b.close()
 

@@ -34,15 +34,17 @@ File names in the journal directory: ``snapshot.<n>`` and ``journal.<n>`` (decim
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import mmap
 import os
+import queue
 import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .connection import Connection
@@ -79,6 +81,22 @@ DEFAULT_SYNC = "none"  # a crash needs no sync (the page cache keeps what was co
 WINDOW = 1 << 20  # journal file space reserved and mapped at a time
 _MASK = 0xFFFFFFFF
 _FILE = re.compile(r"^(snapshot|journal)\.(\d+)$")
+MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux 5.14): fault a range in writable, as writes would
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's madvise through ctypes, which releases the GIL for the call (mmap.madvise holds
+    it): None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_madvise = _load_madvise()
 
 
 def _perm_bytes(perms: Perms) -> bytes:
@@ -270,6 +288,40 @@ class JournalError(Exception):
 
 
 # ----------------------------------------------------------------------------- the writer
+class _Prefaulter:
+    """One worker thread that faults journal windows in (see Journal._window).  Long-lived and
+    fed through a queue: starting a thread per window made the loop wait, on a busy machine
+    for milliseconds, until the new thread ran."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[int, int, threading.Event] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, addr: int, length: int) -> threading.Event:
+        """Fault ``length`` bytes at ``addr`` in; the event is set once done (or failed: an
+        old kernel without MADV_POPULATE_WRITE leaves the faults to the copies, as before)."""
+        done = threading.Event()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="journal-prefault", daemon=True)
+            self._thread.start()
+        self._jobs.put((addr, length, done))
+        return done
+
+    def _run(self) -> None:
+        assert _madvise is not None
+        while (job := self._jobs.get()) is not None:
+            addr, length, done = job
+            try:
+                _madvise(addr, length, MADV_POPULATE_WRITE)
+            finally:
+                done.set()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
 class Journal:
     """Appends records for one daemon; installed into the store (``Store.log``) and the daemon
     state (``Core.journal``), which call the hooks below as they change."""
@@ -283,6 +335,8 @@ class Journal:
         self.seq = 0
         self._fd = -1
         self._map: mmap.mmap | None = None
+        self._prefaulter = _Prefaulter()
+        self._prefaulting: dict[int, threading.Event] = {}  # id of a window -> its prefault, done
         self._off = self._base = 0  # file offset of the next byte; of the mapped window
         self._buf: list[bytes] = []
         self.dirty = False
@@ -332,18 +386,36 @@ class Journal:
             self._fd, self._map, self.seq = fd, m, seq
             self._base, self._off = 0, len(MAGIC)
             if old_map is not None:
-                old_map.close()
+                self._unmap(old_map)
             if old_fd >= 0:
                 os.close(old_fd)
         self.size = len(MAGIC)
 
-    @staticmethod
-    def _window(fd: int, base: int) -> mmap.mmap:
+    def _window(self, fd: int, base: int) -> mmap.mmap:
         """Map the next WINDOW bytes of the file, reserved first (posix_fallocate: a full disk
         is an error here, never a SIGBUS on the copy).  Only one window is mapped at a time, so
-        the journal adds at most WINDOW to the daemon's resident memory."""
+        the journal adds at most WINDOW to the daemon's resident memory.
+
+        A worker thread then faults the whole window in, writable (MADV_POPULATE_WRITE), off
+        the event loop: otherwise the first copy into each page takes a page fault on the loop
+        (1 to 4 us on tmpfs and ext4, a third of a 2 KB WRITE's cost), and faulting 256 pages
+        in one call costs less CPU than 256 faults anyway."""
         os.posix_fallocate(fd, base, WINDOW)
-        return mmap.mmap(fd, WINDOW, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        m = mmap.mmap(fd, WINDOW, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        if _madvise is not None:
+            view = (ctypes.c_char * WINDOW).from_buffer(m)
+            addr = ctypes.addressof(view)
+            del view  # the buffer export: a mapping with one cannot be closed
+            self._prefaulting[id(m)] = self._prefaulter.submit(addr, WINDOW)
+        return m
+
+    def _unmap(self, m: mmap.mmap) -> None:
+        """Close a window once its prefault is over (it works on the address, not the object:
+        the range must not be unmapped, and maybe mapped anew, under it)."""
+        done = self._prefaulting.pop(id(m), None)
+        if done is not None:
+            done.wait()
+        m.close()
 
     def _copy(self, data: bytes) -> None:
         m = self._map
@@ -359,7 +431,7 @@ class Journal:
             rel = self._off - self._base
             if rel == WINDOW:
                 nxt = self._window(self._fd, self._base + WINDOW)
-                m.close()
+                self._unmap(m)
                 self._map = m = nxt
                 self._base += WINDOW
                 rel = 0
@@ -376,8 +448,9 @@ class Journal:
             self._syncer = None
         with self._sync_lock:
             if self._map is not None:
-                self._map.close()
+                self._unmap(self._map)
                 self._map = None
+            self._prefaulter.stop()
             if self._fd >= 0:
                 with contextlib.suppress(OSError):
                     os.fdatasync(self._fd)
