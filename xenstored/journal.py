@@ -475,9 +475,10 @@ class Journal:
                 self._perm_cache.clear()
             pb = self._perm_cache[perms] = _perm_bytes(perms)
         p = path.encode("ascii")
+        n = len(value)
+        # One join: ``+`` would copy the value twice more (a 2 KB value: 0.1 us each).
         self._buf.append(
-            _NODE_REC.pack(NODE, _NODE.size + len(p) + len(value) + len(pb), len(p), len(value), len(perms))
-            + p + value + pb
+            b"".join((_NODE_REC.pack(NODE, _NODE.size + len(p) + n + len(pb), len(p), n, len(perms)), p, value, pb))
         )
         self.dirty = True
 
@@ -575,13 +576,21 @@ class Journal:
         buf = self._buf
         if not buf:
             return
-        body = b"".join(buf)
+        body = buf[0] if len(buf) == 1 else b"".join(buf)
         buf.clear()
-        data = _FRAME.pack(len(body), zlib.crc32(body)) + body
+        head = _FRAME.pack(len(body), zlib.crc32(body))
         if self.failed is not None or self._map is None:
             return  # the journal is behind: the next snapshot writes the whole state instead
+        size = len(head) + len(body)
         try:
-            self._copy(data)
+            rel = self._off - self._base
+            if rel + size <= WINDOW:  # _copy(head + body), without copying the body first
+                m = self._map
+                m[rel : rel + len(head)] = head
+                m[rel + len(head) : rel + size] = body
+                self._off += size
+            else:
+                self._copy(head + body)
             if self.sync == "always":
                 os.fdatasync(self._fd)
             else:
@@ -595,7 +604,7 @@ class Journal:
                 self.failed,
             )
             return
-        self.size += len(data)
+        self.size += size
 
     # -- snapshots --------------------------------------------------------------------------------
     def begin_snapshot(self) -> tuple[int, list[bytes]]:

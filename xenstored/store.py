@@ -257,6 +257,11 @@ class Store:
                 return (path, entries, i), rec
         return None
 
+    def latest_record(self, path: str) -> Record | None:
+        """The current record of a live node (None: no such node), for a request that needs
+        no key: :meth:`lookup` without building one."""
+        return self._latest(path)
+
     def record_perms(self, rec: Record) -> Perms:
         return self._perm_lists[_REC.unpack_from(rec, len(rec) - _REC_SIZE)[2]]
 
@@ -569,7 +574,7 @@ class Store:
         node_perms = self._perm_lists[pid]
         if self.log is not None:
             self.log.node(path, value, node_perms)
-        rec = cur[: cur.index(0) + 1] + value + _REC.pack(gen, cgen, pid)
+        rec = b"".join((cur[: cur.index(0) + 1], value, _REC.pack(gen, cgen, pid)))  # one copy of the value
         self.owned_bytes[node_perms[0].domid] += len(rec) - len(cur)
         if entries is not None and not self._old and not self._snapshots and entries[i] is cur:
             entries[i] = rec  # nothing to keep for a snapshot: the entry where lookup found it
