@@ -252,8 +252,16 @@ def write_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
         store.overwrite(key, cur, value)
         core.fire_node_change(path, node_perms, node_perms)
         return OK
+    return _create_in_place(core, conn, path, value)
+
+
+def _create_in_place(core: Core, conn: Connection, path: str, value: bytes) -> bytes | None:
+    """Create ``path``, missing, under its existing parent as a generation of its own (WRITE
+    and MKDIR outside a transaction); None when the parent is missing too (the general path
+    creates ancestors)."""
     if path == paths.ROOT:
         return None
+    store = core.store
     up = store.lookup(paths.parent(path))
     if up is None:
         return None
@@ -273,6 +281,19 @@ def op_mkdir(core: Core, conn: Connection, msg: Message, txn: Transaction) -> by
         return OK
     create_node(core, conn, txn, path, b"")
     return OK
+
+
+def mkdir_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
+    """MKDIR outside a transaction: of an existing node, a permission check; of a new node
+    under an existing parent, what WRITE does with an empty value (no implicit Transaction)."""
+    path = node_path(conn, single_arg(msg.payload))
+    store = core.store
+    rec = store.latest_record(path)
+    if rec is not None:
+        if not can(core, conn, store.record_perms(rec), WRITE):
+            raise XsError("EACCES")
+        return OK
+    return _create_in_place(core, conn, path, b"")
 
 
 def op_rm(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
@@ -303,7 +324,19 @@ def rm_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
     path = node_path(conn, single_arg(msg.payload))
     store = core.store
     found = store.lookup(path)
-    if found is None or path == paths.ROOT:
+    if found is None:
+        # Already gone (a toolstack clears each path before creating it): OK while the parent
+        # exists, as op_rm decides, where the parent is also the nearest existing ancestor
+        # whose permissions choose between ENOENT (then OK) and EACCES.
+        if path == paths.ROOT:
+            return None
+        up = store.latest_record(paths.parent(path))
+        if up is None:
+            return None
+        if conn.privileged or perms.allows_any(store.record_perms(up), conn.domid, conn.target, WRITE):
+            return OK
+        raise XsError("EACCES")
+    if path == paths.ROOT:
         return None
     key, rec = found
     if not conn.privileged and not can(core, conn, store.record_perms(rec), WRITE):
@@ -370,7 +403,8 @@ def _special_base(name: str) -> str:
     return name.split("/", 1)[0]
 
 
-def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def _set_perms_args(core: Core, conn: Connection, msg: Message) -> tuple[str, Perms]:
+    """SET_PERMS's path (decoded, not yet canonical) and new permission list, checked."""
     args = split_args(msg.payload)
     if len(args) < 2:
         raise XsError("EINVAL", "SET_PERMS wants a path and at least one permission")
@@ -378,29 +412,30 @@ def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -
         limit = conn.domain.quotas["node-permissions"]
         if quota.exceeds(limit, len(args) - 1):
             raise _refuse(core, conn, "node-permissions", limit, len(args) - 1)
-    new_perms = perms.parse(args[1:])
-    raw = paths.decode(args[0])
-    if paths.is_special(raw):
-        name = paths.canonicalize_special(raw)
-        if name not in paths.SPECIAL_NAMES:
-            raise XsError("EINVAL", "permissions are kept on the plain special names")
-        old = core.special_perms[name]
-        if not conn.privileged:
-            if not perms.is_owner(old, conn.domid, conn.target):
-                raise XsError("EACCES")
-            if new_perms[0].domid != old[0].domid:
-                raise XsError("EPERM")
-        core.set_special_perms(name, new_perms)
-        return OK
-    path = paths.canonicalize(raw, conn.home)
-    _check_path_max(conn, path)
-    node = txn.get(path)
-    if node is None:
-        raise _disclose(conn, txn, path, "ENOENT", WRITE)
+    return paths.decode(args[0]), perms.parse(args[1:])
+
+
+def _set_special_perms(core: Core, conn: Connection, raw: str, new_perms: Perms) -> bytes:
+    name = paths.canonicalize_special(raw)
+    if name not in paths.SPECIAL_NAMES:
+        raise XsError("EINVAL", "permissions are kept on the plain special names")
+    old = core.special_perms[name]
     if not conn.privileged:
-        if not perms.is_owner(node.perms, conn.domid, conn.target):
+        if not perms.is_owner(old, conn.domid, conn.target):
             raise XsError("EACCES")
-        if new_perms[0].domid != node.owner:
+        if new_perms[0].domid != old[0].domid:
+            raise XsError("EPERM")
+    core.set_special_perms(name, new_perms)
+    return OK
+
+
+def _replacing_perms(core: Core, conn: Connection, old: Perms, new_perms: Perms) -> Perms:
+    """The list SET_PERMS installs in place of ``old``, once the caller may: ownership rules,
+    an owner that exists, stale entries marked (and every domain named given a record)."""
+    if not conn.privileged:
+        if not perms.is_owner(old, conn.domid, conn.target):
+            raise XsError("EACCES")
+        if new_perms[0].domid != old[0].domid:
             raise XsError("EPERM", "only the privileged domain may change a node's owner")
     owner = new_perms[0].domid
     hv = core.hypervisor
@@ -410,8 +445,42 @@ def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -
         raise XsError("ENOENT", f"owner dom{owner} does not exist")
     new_perms = core.mark_stale(new_perms)
     core.note_domains(new_perms)
+    return new_perms
+
+
+def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    raw, new_perms = _set_perms_args(core, conn, msg)
+    if paths.is_special(raw):
+        return _set_special_perms(core, conn, raw, new_perms)
+    path = paths.canonicalize(raw, conn.home)
+    _check_path_max(conn, path)
+    node = txn.get(path)
+    if node is None:
+        raise _disclose(conn, txn, path, "ENOENT", WRITE)
+    new_perms = _replacing_perms(core, conn, node.perms, new_perms)
     txn.put(path, node.value, new_perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=new_perms)
+    return OK
+
+
+def set_perms_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
+    """SET_PERMS outside a transaction of a special name or an existing node: the store
+    replaces the node's permissions as a generation of its own, without a write set.  None
+    for a missing node (the general path decides what error to disclose)."""
+    raw, new_perms = _set_perms_args(core, conn, msg)
+    if paths.is_special(raw):
+        return _set_special_perms(core, conn, raw, new_perms)
+    path = paths.canonicalize(raw, conn.home)
+    _check_path_max(conn, path)
+    store = core.store
+    found = store.lookup(path)
+    if found is None:
+        return None
+    key, cur = found
+    old = store.record_perms(cur)
+    new_perms = _replacing_perms(core, conn, old, new_perms)
+    store.set_perms(key, cur, new_perms)
+    core.fire_node_change(path, old, new_perms)
     return OK
 
 
@@ -577,6 +646,8 @@ IN_PLACE: dict[int, Callable[[Core, Connection, Message], bytes | None]] = {
     Op.DIRECTORY: directory_live,
     Op.WRITE: write_in_place,
     Op.RM: rm_in_place,
+    Op.MKDIR: mkdir_in_place,
+    Op.SET_PERMS: set_perms_in_place,
 }
 
 PRIVILEGED_OPS = frozenset(

@@ -585,6 +585,30 @@ class Store:
             self._collect()
         return gen
 
+    def set_perms(self, key: Key, cur: Record, perms: Perms) -> int:
+        """Replace the permissions of a live node as a commit of its own (SET_PERMS outside a
+        transaction), keeping its value and child list: what :meth:`apply` does with a write
+        set of that one node.  ``key, cur`` come from :meth:`lookup` in the same request.
+        Returns the new generation."""
+        gen = self.gen + 1
+        path, entries, i = key
+        cgen = _REC.unpack_from(cur, len(cur) - _REC_SIZE)[1]
+        if self.log is not None:
+            self.log.node(path, cur[cur.index(0) + 1 : _TAIL], perms)
+        self._charge(path, cur, -1)
+        pid = self._perm_id(perms)
+        self._track(path, pid)
+        rec = cur[:_TAIL] + _REC.pack(gen, cgen, pid)
+        self._charge(path, rec, +1)
+        if entries is not None and not self._old and not self._snapshots and entries[i] is cur:
+            entries[i] = rec
+        else:
+            self._put_record(path, rec, gen)
+        self.gen = gen
+        if self._garbage:
+            self._collect()
+        return gen
+
     def create(self, path: str, value: bytes, perms: Perms, parent_key: Key) -> int:
         """Add a node under an existing parent (``parent_key`` from :meth:`lookup` in the same
         request) as a commit of its own: a WRITE outside a transaction creating one node.
