@@ -267,7 +267,7 @@ def _create_in_place(core: Core, conn: Connection, path: str, value: bytes) -> b
         return None
     parent_key, parent_rec = up
     new_perms, _size = _check_creation(core, conn, None, [path], value, store.record_perms(parent_rec))
-    store.create(path, value, new_perms, parent_key)
+    store.create(path, value, new_perms, parent_key, parent_rec)
     core.fire_node_change(path, None, new_perms)
     return OK
 

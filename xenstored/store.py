@@ -561,10 +561,13 @@ class Store:
         self._collect()
         return gen
 
-    def _child_list_changed(self, path: str, gen: int) -> None:
+    def _child_list_changed(self, path: str, gen: int, found: tuple[Key, Record] | None = None) -> None:
         """The node at ``path`` gained or lost a child in commit ``gen``: a new version with
-        the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone)."""
-        found = self.lookup(path)
+        the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone).
+        ``found``: what :meth:`lookup` says of ``path``, if the caller has it (still true:
+        a child lives in another list than its parent's entry)."""
+        if found is None or (found[0][1] is not None and found[0][1][found[0][2]] is not found[1]):
+            found = self.lookup(path)
         if found is None:
             return
         (_path, entries, i), cur = found
@@ -621,19 +624,23 @@ class Store:
             self._collect()
         return gen
 
-    def create(self, path: str, value: bytes, perms: Perms, parent_key: Key) -> int:
-        """Add a node under an existing parent (``parent_key`` from :meth:`lookup` in the same
-        request) as a commit of its own: a WRITE outside a transaction creating one node.
-        Returns the new generation."""
+    def create(
+        self, path: str, value: bytes, perms: Perms, parent_key: Key, parent_rec: Record | None = None
+    ) -> int:
+        """Add a node under an existing parent (``parent_key`` and ``parent_rec`` from
+        :meth:`lookup` in the same request) as a commit of its own: a WRITE outside a
+        transaction creating one node.  Returns the new generation."""
         gen = self.gen + 1
         if self.log is not None:
             self.log.node(path, value, perms)
         pid = self._perm_id(perms)
         rec = _head(path) + value + _REC.pack(gen, gen, pid)
-        self._charge(path, rec, +1)
+        o = perms[0].domid  # _charge(path, rec, +1), without unpacking what was just packed
+        self.owned[o] = self.owned.get(o, 0) + 1
+        self.owned_bytes[o] = self.owned_bytes.get(o, 0) + node_size(path, len(value), perms)
         self._track(path, pid)
         self._put_record(path, rec, gen)
-        self._child_list_changed(parent_key[0], gen)
+        self._child_list_changed(parent_key[0], gen, None if parent_rec is None else (parent_key, parent_rec))
         self.gen = gen
         if self._garbage:
             self._collect()
