@@ -194,24 +194,9 @@ def _check_overwrite(core: Core, conn: Connection, path: str, value: bytes, node
     return grow
 
 
-def _live_record(core: Core, conn: Connection, msg: Message, want: int) -> tuple[str, bytes] | None:
-    """The path named by a one-argument request outside a transaction and its committed
-    record, once the caller may ``want`` it; None when the node does not exist, which leaves
-    the error (and its disclosure rule) to the general path."""
-    path = node_path(conn, single_arg(msg.payload))
-    store = core.store
-    found = store.lookup(path)
-    if found is None:
-        return None
-    rec = found[1]
-    if not conn.privileged and not can(core, conn, store.record_perms(rec), want):
-        raise XsError("EACCES")
-    return path, rec
-
-
 def read_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """READ outside a transaction of a node that exists, straight from the committed record
-    (``_live_record`` spelt out, without the key it does not need: the commonest request)."""
+    (None when it does not: the general path then chooses the error and discloses nothing)."""
     path = node_path(conn, single_arg(msg.payload))
     store = core.store
     rec = store.latest_record(path)
@@ -356,11 +341,15 @@ def op_directory(core: Core, conn: Connection, msg: Message, txn: Transaction) -
 
 def directory_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """DIRECTORY outside a transaction of a node that exists (a tree walk is 10^5 of these):
-    one lookup and one index range scan."""
-    found = _live_record(core, conn, msg, READ)
-    if found is None:
+    one lookup (no key built) and one index range scan."""
+    path = node_path(conn, single_arg(msg.payload))
+    store = core.store
+    rec = store.latest_record(path)
+    if rec is None:
         return None
-    return core.store.child_payload(found[0])
+    if not conn.privileged and not can(core, conn, store.record_perms(rec), READ):
+        raise XsError("EACCES")
+    return store.child_payload(path)
 
 
 def op_directory_part(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
