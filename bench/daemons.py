@@ -100,6 +100,9 @@ def start_ours(label: str = "ours", src: str | None = None) -> Daemon:
     d._proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
         start_new_session=True,
+        # ``-m`` looks in the working directory before PYTHONPATH: run from a checkout, the
+        # daemon would be the checkout's, not ``src``'s.
+        cwd=os.path.abspath(src) if src else None,
     )
     log.close()
     _wait_socket(d.socket, d._proc, "our daemon")

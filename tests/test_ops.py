@@ -214,6 +214,51 @@ def test_create_and_rm_outside_a_transaction_keep_accounting_and_snapshots(core,
     assert d0.ls("/nope") == []
 
 
+def test_mkdir_set_perms_and_rm_missing_outside_a_transaction(core, d0):
+    """The in-place MKDIR, SET_PERMS and RM of a missing node: the same accounting, events,
+    errors and snapshot isolation as through an implicit transaction."""
+    d0.write("/local/domain/5", "")
+    d0.setperms("/local/domain/5", "n5")
+    g = guest(core, 5)
+    watcher = Peer(core)
+    watcher.watch("/local/domain/5", "w")
+    watcher.events.clear()
+    t = d0.start()
+    assert d0.read("/local/domain/5", t) == b""
+    owned = core.store.owned[5]
+    g.mkdir("/local/domain/5/m")  # a new node under an existing parent: dom5's
+    assert g.getperms("/local/domain/5/m") == ["n5"] and core.store.owned[5] == owned + 1
+    g.mkdir("/local/domain/5/m")  # exists: nothing happens
+    gen = core.store.gen
+    g.setperms("/local/domain/5/m", "n5", "r7")
+    assert core.store.gen == gen + 1
+    assert d0.getperms("/local/domain/5/m") == ["n5", "r7"]
+    assert g.err(Op.SET_PERMS, b"/local/domain/5/m\0n6\0") == "EPERM"  # only dom0 gives away
+    d0.setperms("/local/domain/5/m", "n0")  # dom0 may: dom5 loses the node from its count
+    assert core.store.owned[5] == owned
+    assert g.err(Op.SET_PERMS, b"/local/domain/5/m\0n5\0") == "EACCES"
+    assert g.err(Op.SET_PERMS, b"/local/domain/5/gone\0n5\0") == "ENOENT"
+    assert d0.ls("/local/domain/5", t) == []  # the snapshot predates the MKDIR
+    d0.setperms("/local/domain/5", "n5", "r0")  # the node read by t changes
+    d0.write("/tx-write", "x", tx=t)
+    assert d0.err(Op.TRANSACTION_END, b"T\0", t) == "EAGAIN"
+    t2 = d0.start()
+    assert d0.getperms("/local/domain/5/m", t2) == ["n0"]
+    d0.setperms("/local/domain/5/m", "n0", "r5")  # only the permissions of what t2 read
+    assert d0.getperms("/local/domain/5/m", t2) == ["n0"]  # t2's snapshot keeps the old list
+    d0.write("/tx-write", "y", tx=t2)
+    assert d0.err(Op.TRANSACTION_END, b"T\0", t2) == "EAGAIN"
+    gen = core.store.gen
+    g.rm("/local/domain/5/missing")  # gone already, parent there: OK, nothing changes
+    assert core.store.gen == gen
+    assert g.err(Op.RM, b"/local/domain/5/no/such\0") == "ENOENT"
+    d0.write("/private/x", "")
+    assert g.err(Op.RM, b"/private/missing\0") == "EACCES"  # ENOENT would disclose
+    watcher.drain()
+    assert watcher.events == [("/local/domain/5/m", "w")] * 3 + [("/local/domain/5", "w"), ("/local/domain/5/m", "w")]
+    assert core.store.audit()[2] == [] and core.store.audit()[0] == core.store.owned
+
+
 def test_reset_watches_drops_transactions(d0):
     t = d0.start()
     assert d0.call(Op.RESET_WATCHES, b"") == b"OK\0"

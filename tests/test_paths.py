@@ -1,6 +1,10 @@
 """Path syntax: validation, canonical form, relative paths, special names, path-max."""
 
+from collections.abc import Callable
+
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from xenstored import paths
 from xenstored.wire import XsError
@@ -63,3 +67,34 @@ def test_tree_helpers():
 def test_non_ascii_is_einval():
     with pytest.raises(XsError):
         paths.decode(b"/\xff")
+
+
+_PIECES = st.sampled_from(["a", "B9", "_", "-", "@", "/", "//", ".", "\x00", "\u00e9", " ", "\n"])
+
+
+@settings(max_examples=400)
+@given(st.binary(max_size=12) | st.lists(_PIECES, max_size=8).map(lambda p: "".join(p).encode()))
+@example(b"a/")
+@example(b"/a.b")
+@example(b"a.b")
+@example(b"a//b")
+@example(b"/a\n")
+@example(b"a\n")
+@example(b"@a")
+@example(b"a/@b")
+@example(b"-/_")
+@example(b"")
+def test_canonicalize_wire_is_decode_then_canonicalize(raw: bytes) -> None:
+    """The fast form read from a request's bytes accepts, refuses and spells every path as the
+    general one does."""
+    home = paths.home_of(3)
+
+    def outcome(fn: Callable[[], str]) -> str:
+        try:
+            return fn()
+        except XsError as e:
+            return e.name
+
+    assert outcome(lambda: paths.canonicalize_wire(raw, home)) == outcome(
+        lambda: paths.canonicalize(paths.decode(raw), home)
+    )

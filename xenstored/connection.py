@@ -145,7 +145,15 @@ class Connection:
         tracer = self.tracer
         if tracer is not None:
             tracer.reply(self, t, msg.tx_id, payload)
-        self._queue(HEADER.pack(t, msg.req_id, msg.tx_id, len(payload)) + payload)
+        data = HEADER.pack(t, msg.req_id, msg.tx_id, len(payload)) + payload
+        # _queue, spelt out: every request's reply comes this way.
+        if self.on_output is not None:
+            self.on_output(data)
+        out = self._out
+        out.append(data)
+        self.out_bytes += len(data)
+        if len(out) == 1:
+            self.wakeup()
 
     def error(self, msg: Message, name: str) -> None:
         payload = name.encode() + b"\0"

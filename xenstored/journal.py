@@ -34,15 +34,17 @@ File names in the journal directory: ``snapshot.<n>`` and ``journal.<n>`` (decim
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import mmap
 import os
+import queue
 import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .connection import Connection
@@ -79,6 +81,22 @@ DEFAULT_SYNC = "none"  # a crash needs no sync (the page cache keeps what was co
 WINDOW = 1 << 20  # journal file space reserved and mapped at a time
 _MASK = 0xFFFFFFFF
 _FILE = re.compile(r"^(snapshot|journal)\.(\d+)$")
+MADV_POPULATE_WRITE = 23  # linux/mman.h (Linux 5.14): fault a range in writable, as writes would
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's madvise through ctypes, which releases the GIL for the call (mmap.madvise holds
+    it): None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_madvise = _load_madvise()
 
 
 def _perm_bytes(perms: Perms) -> bytes:
@@ -270,6 +288,64 @@ class JournalError(Exception):
 
 
 # ----------------------------------------------------------------------------- the writer
+class _Job:
+    """Work handed to the journal's worker thread, and what came of it."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> object:
+        """The result once the worker is done (its exception raised here)."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Worker:
+    """One long-lived thread for the journal's slow preparations (see Journal._window): fed
+    through a queue, because starting a thread per window made the loop wait, on a busy
+    machine for milliseconds, until the new thread ran."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], object]) -> _Job:
+        job = _Job(fn)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="journal-windows", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job.result = job.fn()
+            except Exception as e:  # noqa: BLE001 - handed to whoever waits for the job
+                job.error = e
+            finally:
+                job.done.set()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
+def _address(m: mmap.mmap) -> int:
+    view = (ctypes.c_char * len(m)).from_buffer(m)
+    addr = ctypes.addressof(view)
+    del view  # the buffer export: a mapping with one cannot be closed
+    return addr
+
+
 class Journal:
     """Appends records for one daemon; installed into the store (``Store.log``) and the daemon
     state (``Core.journal``), which call the hooks below as they change."""
@@ -283,6 +359,9 @@ class Journal:
         self.seq = 0
         self._fd = -1
         self._map: mmap.mmap | None = None
+        self._worker = _Worker()
+        self._prefaulting: dict[int, _Job] = {}  # id of a mapped window -> its prefault
+        self._ahead: tuple[int, int, _Job] | None = None  # fd, offset: the next window, prepared
         self._off = self._base = 0  # file offset of the next byte; of the mapped window
         self._buf: list[bytes] = []
         self.dirty = False
@@ -332,18 +411,64 @@ class Journal:
             self._fd, self._map, self.seq = fd, m, seq
             self._base, self._off = 0, len(MAGIC)
             if old_map is not None:
-                old_map.close()
+                self._unmap(old_map)
             if old_fd >= 0:
                 os.close(old_fd)
         self.size = len(MAGIC)
 
+    def _window(self, fd: int, base: int) -> mmap.mmap:
+        """Map the WINDOW bytes of the file at ``base``, reserved first (posix_fallocate: a full
+        disk is an error here, never a SIGBUS on the copy), and have the worker thread prepare
+        the window after it.  At most two windows are mapped at a time (the journal adds at
+        most 2 x WINDOW to the daemon's resident memory).
+
+        The worker reserves, maps and faults in (MADV_POPULATE_WRITE) each next window while
+        the loop writes into the current one: the loop's copies then take no page fault (one
+        per 4 KB, 1 to 4 us each on tmpfs and ext4, a third of a 2 KB WRITE's cost) and moving
+        to the next window costs no reservation either (0.4 ms on ext4, once a MB); faulting
+        256 pages in one call also costs less CPU than 256 faults."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == fd and ahead[1] == base:
+            m: mmap.mmap = ahead[2].wait()  # type: ignore[assignment]
+        else:
+            if ahead is not None:
+                self._drop(ahead[2])
+            m = self._map_window(fd, base)
+            if _madvise is not None:
+                addr = _address(m)
+                self._prefaulting[id(m)] = self._worker.submit(lambda: _madvise(addr, WINDOW, MADV_POPULATE_WRITE))
+        nxt = base + WINDOW
+        self._ahead = (fd, nxt, self._worker.submit(lambda: self._prepared(fd, nxt)))
+        return m
+
     @staticmethod
-    def _window(fd: int, base: int) -> mmap.mmap:
-        """Map the next WINDOW bytes of the file, reserved first (posix_fallocate: a full disk
-        is an error here, never a SIGBUS on the copy).  Only one window is mapped at a time, so
-        the journal adds at most WINDOW to the daemon's resident memory."""
+    def _map_window(fd: int, base: int) -> mmap.mmap:
         os.posix_fallocate(fd, base, WINDOW)
         return mmap.mmap(fd, WINDOW, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+
+    @classmethod
+    def _prepared(cls, fd: int, base: int) -> mmap.mmap:
+        """A window reserved, mapped and faulted in (in the worker thread)."""
+        m = cls._map_window(fd, base)
+        if _madvise is not None:
+            _madvise(_address(m), WINDOW, MADV_POPULATE_WRITE)
+        return m
+
+    @staticmethod
+    def _drop(job: _Job) -> None:
+        """Forget a window prepared ahead (a new file, the end): once the worker is done with
+        it, since it uses the file descriptor that the caller is about to close."""
+        job.done.wait()
+        if isinstance(job.result, mmap.mmap):
+            job.result.close()
+
+    def _unmap(self, m: mmap.mmap) -> None:
+        """Close a window once its prefault is over (it works on the address, not the object:
+        the range must not be unmapped, and maybe mapped anew, under it)."""
+        job = self._prefaulting.pop(id(m), None)
+        if job is not None:
+            job.done.wait()
+        m.close()
 
     def _copy(self, data: bytes) -> None:
         m = self._map
@@ -359,7 +484,7 @@ class Journal:
             rel = self._off - self._base
             if rel == WINDOW:
                 nxt = self._window(self._fd, self._base + WINDOW)
-                m.close()
+                self._unmap(m)
                 self._map = m = nxt
                 self._base += WINDOW
                 rel = 0
@@ -376,8 +501,12 @@ class Journal:
             self._syncer = None
         with self._sync_lock:
             if self._map is not None:
-                self._map.close()
+                self._unmap(self._map)
                 self._map = None
+            if self._ahead is not None:
+                self._drop(self._ahead[2])
+                self._ahead = None
+            self._worker.stop()
             if self._fd >= 0:
                 with contextlib.suppress(OSError):
                     os.fdatasync(self._fd)
@@ -402,9 +531,10 @@ class Journal:
                 self._perm_cache.clear()
             pb = self._perm_cache[perms] = _perm_bytes(perms)
         p = path.encode("ascii")
+        n = len(value)
+        # One join: ``+`` would copy the value twice more (a 2 KB value: 0.1 us each).
         self._buf.append(
-            _NODE_REC.pack(NODE, _NODE.size + len(p) + len(value) + len(pb), len(p), len(value), len(perms))
-            + p + value + pb
+            b"".join((_NODE_REC.pack(NODE, _NODE.size + len(p) + n + len(pb), len(p), n, len(perms)), p, value, pb))
         )
         self.dirty = True
 
@@ -502,13 +632,21 @@ class Journal:
         buf = self._buf
         if not buf:
             return
-        body = b"".join(buf)
+        body = buf[0] if len(buf) == 1 else b"".join(buf)
         buf.clear()
-        data = _FRAME.pack(len(body), zlib.crc32(body)) + body
+        head = _FRAME.pack(len(body), zlib.crc32(body))
         if self.failed is not None or self._map is None:
             return  # the journal is behind: the next snapshot writes the whole state instead
+        size = len(head) + len(body)
         try:
-            self._copy(data)
+            rel = self._off - self._base
+            if rel + size <= WINDOW:  # _copy(head + body), without copying the body first
+                m = self._map
+                m[rel : rel + len(head)] = head
+                m[rel + len(head) : rel + size] = body
+                self._off += size
+            else:
+                self._copy(head + body)
             if self.sync == "always":
                 os.fdatasync(self._fd)
             else:
@@ -522,7 +660,7 @@ class Journal:
                 self.failed,
             )
             return
-        self.size += len(data)
+        self.size += size
 
     # -- snapshots --------------------------------------------------------------------------------
     def begin_snapshot(self) -> tuple[int, list[bytes]]:

@@ -46,8 +46,9 @@ Handler = Callable[[Core, Connection, Message, Transaction], "bytes | None"]
 # ----------------------------------------------------------------------------- arguments
 def node_path(conn: Connection, raw: bytes) -> str:
     """Canonical node path from a request argument, with the unprivileged path-max rule."""
-    path = paths.canonicalize(paths.decode(raw), conn.home)
-    _check_path_max(conn, path)
+    path = paths.canonicalize_wire(raw, conn.home)
+    if not (conn.privileged or conn.is_socket):
+        _check_path_max(conn, path)
     return path
 
 
@@ -193,25 +194,17 @@ def _check_overwrite(core: Core, conn: Connection, path: str, value: bytes, node
     return grow
 
 
-def _live_record(core: Core, conn: Connection, msg: Message, want: int) -> tuple[str, bytes] | None:
-    """The path named by a one-argument request outside a transaction and its committed
-    record, once the caller may ``want`` it; None when the node does not exist, which leaves
-    the error (and its disclosure rule) to the general path."""
+def read_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
+    """READ outside a transaction of a node that exists, straight from the committed record
+    (None when it does not: the general path then chooses the error and discloses nothing)."""
     path = node_path(conn, single_arg(msg.payload))
     store = core.store
-    found = store.lookup(path)
-    if found is None:
+    rec = store.latest_record(path)
+    if rec is None:
         return None
-    rec = found[1]
-    if not conn.privileged and not can(core, conn, store.record_perms(rec), want):
+    if not conn.privileged and not can(core, conn, store.record_perms(rec), READ):
         raise XsError("EACCES")
-    return path, rec
-
-
-def read_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
-    """READ outside a transaction of a node that exists, straight from the committed record."""
-    found = _live_record(core, conn, msg, READ)
-    return None if found is None else core.store.record_value(found[1])
+    return store.record_value(rec)
 
 
 def op_write(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
@@ -244,14 +237,22 @@ def write_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
         store.overwrite(key, cur, value)
         core.fire_node_change(path, node_perms, node_perms)
         return OK
+    return _create_in_place(core, conn, path, value)
+
+
+def _create_in_place(core: Core, conn: Connection, path: str, value: bytes) -> bytes | None:
+    """Create ``path``, missing, under its existing parent as a generation of its own (WRITE
+    and MKDIR outside a transaction); None when the parent is missing too (the general path
+    creates ancestors)."""
     if path == paths.ROOT:
         return None
+    store = core.store
     up = store.lookup(paths.parent(path))
     if up is None:
         return None
     parent_key, parent_rec = up
     new_perms, _size = _check_creation(core, conn, None, [path], value, store.record_perms(parent_rec))
-    store.create(path, value, new_perms, parent_key)
+    store.create(path, value, new_perms, parent_key, parent_rec)
     core.fire_node_change(path, None, new_perms)
     return OK
 
@@ -265,6 +266,19 @@ def op_mkdir(core: Core, conn: Connection, msg: Message, txn: Transaction) -> by
         return OK
     create_node(core, conn, txn, path, b"")
     return OK
+
+
+def mkdir_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
+    """MKDIR outside a transaction: of an existing node, a permission check; of a new node
+    under an existing parent, what WRITE does with an empty value (no implicit Transaction)."""
+    path = node_path(conn, single_arg(msg.payload))
+    store = core.store
+    rec = store.latest_record(path)
+    if rec is not None:
+        if not can(core, conn, store.record_perms(rec), WRITE):
+            raise XsError("EACCES")
+        return OK
+    return _create_in_place(core, conn, path, b"")
 
 
 def op_rm(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
@@ -292,10 +306,27 @@ def rm_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """RM outside a transaction of a node that exists: the store removes the subtree as one
     generation, without a write set.  Returns None for what the general path decides (a missing
     node, the root)."""
-    found = _live_record(core, conn, msg, WRITE)
-    if found is None or found[0] == paths.ROOT:
+    path = node_path(conn, single_arg(msg.payload))
+    store = core.store
+    found = store.lookup(path)
+    if found is None:
+        # Already gone (a toolstack clears each path before creating it): OK while the parent
+        # exists, as op_rm decides, where the parent is also the nearest existing ancestor
+        # whose permissions choose between ENOENT (then OK) and EACCES.
+        if path == paths.ROOT:
+            return None
+        up = store.latest_record(paths.parent(path))
+        if up is None:
+            return None
+        if conn.privileged or perms.allows_any(store.record_perms(up), conn.domid, conn.target, WRITE):
+            return OK
+        raise XsError("EACCES")
+    if path == paths.ROOT:
         return None
-    core.fire_removed(core.store.remove(found[0]))
+    key, rec = found
+    if not conn.privileged and not can(core, conn, store.record_perms(rec), WRITE):
+        raise XsError("EACCES")
+    core.fire_removed(store.remove(path, key))
     return OK
 
 
@@ -310,11 +341,15 @@ def op_directory(core: Core, conn: Connection, msg: Message, txn: Transaction) -
 
 def directory_live(core: Core, conn: Connection, msg: Message) -> bytes | None:
     """DIRECTORY outside a transaction of a node that exists (a tree walk is 10^5 of these):
-    one lookup and one index range scan."""
-    found = _live_record(core, conn, msg, READ)
-    if found is None:
+    one lookup (no key built) and one index range scan."""
+    path = node_path(conn, single_arg(msg.payload))
+    store = core.store
+    rec = store.latest_record(path)
+    if rec is None:
         return None
-    return core.store.child_payload(found[0])
+    if not conn.privileged and not can(core, conn, store.record_perms(rec), READ):
+        raise XsError("EACCES")
+    return store.child_payload(path)
 
 
 def op_directory_part(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
@@ -357,7 +392,8 @@ def _special_base(name: str) -> str:
     return name.split("/", 1)[0]
 
 
-def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
+def _set_perms_args(core: Core, conn: Connection, msg: Message) -> tuple[str, Perms]:
+    """SET_PERMS's path (decoded, not yet canonical) and new permission list, checked."""
     args = split_args(msg.payload)
     if len(args) < 2:
         raise XsError("EINVAL", "SET_PERMS wants a path and at least one permission")
@@ -365,29 +401,30 @@ def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -
         limit = conn.domain.quotas["node-permissions"]
         if quota.exceeds(limit, len(args) - 1):
             raise _refuse(core, conn, "node-permissions", limit, len(args) - 1)
-    new_perms = perms.parse(args[1:])
-    raw = paths.decode(args[0])
-    if paths.is_special(raw):
-        name = paths.canonicalize_special(raw)
-        if name not in paths.SPECIAL_NAMES:
-            raise XsError("EINVAL", "permissions are kept on the plain special names")
-        old = core.special_perms[name]
-        if not conn.privileged:
-            if not perms.is_owner(old, conn.domid, conn.target):
-                raise XsError("EACCES")
-            if new_perms[0].domid != old[0].domid:
-                raise XsError("EPERM")
-        core.set_special_perms(name, new_perms)
-        return OK
-    path = paths.canonicalize(raw, conn.home)
-    _check_path_max(conn, path)
-    node = txn.get(path)
-    if node is None:
-        raise _disclose(conn, txn, path, "ENOENT", WRITE)
+    return paths.decode(args[0]), perms.parse(args[1:])
+
+
+def _set_special_perms(core: Core, conn: Connection, raw: str, new_perms: Perms) -> bytes:
+    name = paths.canonicalize_special(raw)
+    if name not in paths.SPECIAL_NAMES:
+        raise XsError("EINVAL", "permissions are kept on the plain special names")
+    old = core.special_perms[name]
     if not conn.privileged:
-        if not perms.is_owner(node.perms, conn.domid, conn.target):
+        if not perms.is_owner(old, conn.domid, conn.target):
             raise XsError("EACCES")
-        if new_perms[0].domid != node.owner:
+        if new_perms[0].domid != old[0].domid:
+            raise XsError("EPERM")
+    core.set_special_perms(name, new_perms)
+    return OK
+
+
+def _replacing_perms(core: Core, conn: Connection, old: Perms, new_perms: Perms) -> Perms:
+    """The list SET_PERMS installs in place of ``old``, once the caller may: ownership rules,
+    an owner that exists, stale entries marked (and every domain named given a record)."""
+    if not conn.privileged:
+        if not perms.is_owner(old, conn.domid, conn.target):
+            raise XsError("EACCES")
+        if new_perms[0].domid != old[0].domid:
             raise XsError("EPERM", "only the privileged domain may change a node's owner")
     owner = new_perms[0].domid
     hv = core.hypervisor
@@ -397,8 +434,42 @@ def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -
         raise XsError("ENOENT", f"owner dom{owner} does not exist")
     new_perms = core.mark_stale(new_perms)
     core.note_domains(new_perms)
+    return new_perms
+
+
+def op_set_perms(core: Core, conn: Connection, msg: Message, txn: Transaction) -> bytes:
+    raw, new_perms = _set_perms_args(core, conn, msg)
+    if paths.is_special(raw):
+        return _set_special_perms(core, conn, raw, new_perms)
+    path = paths.canonicalize(raw, conn.home)
+    _check_path_max(conn, path)
+    node = txn.get(path)
+    if node is None:
+        raise _disclose(conn, txn, path, "ENOENT", WRITE)
+    new_perms = _replacing_perms(core, conn, node.perms, new_perms)
     txn.put(path, node.value, new_perms, existed=True)
     txn.note_change(path, exact=False, old=node.perms, new=new_perms)
+    return OK
+
+
+def set_perms_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
+    """SET_PERMS outside a transaction of a special name or an existing node: the store
+    replaces the node's permissions as a generation of its own, without a write set.  None
+    for a missing node (the general path decides what error to disclose)."""
+    raw, new_perms = _set_perms_args(core, conn, msg)
+    if paths.is_special(raw):
+        return _set_special_perms(core, conn, raw, new_perms)
+    path = paths.canonicalize(raw, conn.home)
+    _check_path_max(conn, path)
+    store = core.store
+    found = store.lookup(path)
+    if found is None:
+        return None
+    key, cur = found
+    old = store.record_perms(cur)
+    new_perms = _replacing_perms(core, conn, old, new_perms)
+    store.set_perms(key, cur, new_perms)
+    core.fire_node_change(path, old, new_perms)
     return OK
 
 
@@ -564,6 +635,8 @@ IN_PLACE: dict[int, Callable[[Core, Connection, Message], bytes | None]] = {
     Op.DIRECTORY: directory_live,
     Op.WRITE: write_in_place,
     Op.RM: rm_in_place,
+    Op.MKDIR: mkdir_in_place,
+    Op.SET_PERMS: set_perms_in_place,
 }
 
 PRIVILEGED_OPS = frozenset(
@@ -593,7 +666,7 @@ def dispatch(core: Core, conn: Connection, msg: Message) -> None:
     start = perf_counter_ns()
     error: str | None = None
     try:
-        tracer = core.tracer
+        tracer = conn.tracer  # core.tracer, without the property: Core keeps them equal
         if tracer is not None:
             tracer.request(conn, msg.type, msg.tx_id, msg.payload)
         tx_id = msg.tx_id

@@ -22,6 +22,11 @@ _SPECIAL_SUFFIX = re.compile(r"/(0|[1-9][0-9]{0,4})\Z")
 # goes through the checks that say what is wrong.
 _CANONICAL = re.compile(r"/(?:[A-Za-z0-9_@-]+(?:/[A-Za-z0-9_@-]+)*)?\Z")
 
+# The same two forms matched on the request's bytes (a match also proves them ASCII): an
+# absolute canonical path, and a relative one that is canonical once put below a home.
+_CANONICAL_BYTES = re.compile(rb"/(?:[A-Za-z0-9_@-]+(?:/[A-Za-z0-9_@-]+)*)?\Z")
+_RELATIVE_BYTES = re.compile(rb"[A-Za-z0-9_-][A-Za-z0-9_@-]*(?:/[A-Za-z0-9_@-]+)*\Z")
+
 ROOT = "/"
 
 
@@ -64,6 +69,18 @@ def canonicalize(path: str, home: str) -> str:
         path = f"{home}/{path}"
     _check_absolute(path)
     return path
+
+
+def canonicalize_wire(raw: bytes, home: str) -> str:
+    """``canonicalize(decode(raw), home)`` for a path as a request carries it: a path already in
+    canonical form, absolute or relative (test-xenstore's, a guest's), is accepted by one match
+    on the bytes, with no decode error to catch and no second check of the joined path; anything
+    else takes the general way, which says what is wrong."""
+    if _CANONICAL_BYTES.match(raw):
+        return raw.decode("ascii")
+    if _RELATIVE_BYTES.match(raw):
+        return f"{home}/{raw.decode('ascii')}"
+    return canonicalize(decode(raw), home)
 
 
 def is_special(path: str) -> bool:

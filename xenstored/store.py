@@ -257,6 +257,11 @@ class Store:
                 return (path, entries, i), rec
         return None
 
+    def latest_record(self, path: str) -> Record | None:
+        """The current record of a live node (None: no such node), for a request that needs
+        no key: :meth:`lookup` without building one."""
+        return self._latest(path)
+
     def record_perms(self, rec: Record) -> Perms:
         return self._perm_lists[_REC.unpack_from(rec, len(rec) - _REC_SIZE)[2]]
 
@@ -273,9 +278,21 @@ class Store:
         return self._latest(path) if v is None else v
 
     def get_at(self, path: str, snap: int) -> Node | None:
-        """The node as a snapshot taken at generation ``snap`` sees it."""
-        rec = self._at(self._version(path), snap)
-        return None if rec is None else self._unpack(rec)
+        """The node as a snapshot taken at generation ``snap`` sees it.  A node with no older
+        version kept (the usual case: only nodes changed since some open snapshot have any) is
+        read with one unpack of its record (every read inside a transaction comes here)."""
+        old = self._old
+        v = old.get(path) if old else None
+        if v is not None:
+            rec = self._at(v, snap)
+            return None if rec is None else self._unpack(rec)
+        rec = self._latest(path)
+        if rec is None:
+            return None
+        vgen, cgen, pid = _REC.unpack_from(rec, len(rec) - _REC_SIZE)
+        if vgen > snap or cgen > snap:  # created or changed after the snapshot: not in it
+            return None
+        return Node(rec[rec.index(0) + 1 : _TAIL], self._perm_lists[pid], vgen, cgen)
 
     @staticmethod
     def _at(v: Record | list[Version] | None, snap: int) -> Record | None:
@@ -544,13 +561,22 @@ class Store:
         self._collect()
         return gen
 
-    def _child_list_changed(self, path: str, gen: int) -> None:
+    def _child_list_changed(self, path: str, gen: int, found: tuple[Key, Record] | None = None) -> None:
         """The node at ``path`` gained or lost a child in commit ``gen``: a new version with
-        the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone)."""
-        cur = self._latest(path)
-        if cur is not None:
-            vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
-            self._put_record(path, cur[:_TAIL] + _REC.pack(vgen, gen, pid), gen)
+        the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone).
+        ``found``: what :meth:`lookup` says of ``path``, if the caller has it (still true:
+        a child lives in another list than its parent's entry)."""
+        if found is None or (found[0][1] is not None and found[0][1][found[0][2]] is not found[1]):
+            found = self.lookup(path)
+        if found is None:
+            return
+        (_path, entries, i), cur = found
+        vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
+        rec = cur[:_TAIL] + _REC.pack(vgen, gen, pid)
+        if entries is not None and not self._snapshots and not self._old:
+            entries[i] = rec  # nothing to keep for a snapshot: where lookup found it
+        else:
+            self._put_record(path, rec, gen)
 
     def overwrite(self, key: Key, cur: Record, value: bytes) -> int:
         """Replace the value of a live node as a commit of its own, keeping its permissions and
@@ -563,7 +589,7 @@ class Store:
         node_perms = self._perm_lists[pid]
         if self.log is not None:
             self.log.node(path, value, node_perms)
-        rec = cur[: cur.index(0) + 1] + value + _REC.pack(gen, cgen, pid)
+        rec = b"".join((cur[: cur.index(0) + 1], value, _REC.pack(gen, cgen, pid)))  # one copy of the value
         self.owned_bytes[node_perms[0].domid] += len(rec) - len(cur)
         if entries is not None and not self._old and not self._snapshots and entries[i] is cur:
             entries[i] = rec  # nothing to keep for a snapshot: the entry where lookup found it
@@ -574,28 +600,59 @@ class Store:
             self._collect()
         return gen
 
-    def create(self, path: str, value: bytes, perms: Perms, parent_key: Key) -> int:
-        """Add a node under an existing parent (``parent_key`` from :meth:`lookup` in the same
-        request) as a commit of its own: a WRITE outside a transaction creating one node.
+    def set_perms(self, key: Key, cur: Record, perms: Perms) -> int:
+        """Replace the permissions of a live node as a commit of its own (SET_PERMS outside a
+        transaction), keeping its value and child list: what :meth:`apply` does with a write
+        set of that one node.  ``key, cur`` come from :meth:`lookup` in the same request.
         Returns the new generation."""
         gen = self.gen + 1
+        path, entries, i = key
+        cgen = _REC.unpack_from(cur, len(cur) - _REC_SIZE)[1]
         if self.log is not None:
-            self.log.node(path, value, perms)
+            self.log.node(path, cur[cur.index(0) + 1 : _TAIL], perms)
+        self._charge(path, cur, -1)
         pid = self._perm_id(perms)
-        rec = _head(path) + value + _REC.pack(gen, gen, pid)
-        self._charge(path, rec, +1)
         self._track(path, pid)
-        self._put_record(path, rec, gen)
-        self._child_list_changed(parent_key[0], gen)
+        rec = cur[:_TAIL] + _REC.pack(gen, cgen, pid)
+        self._charge(path, rec, +1)
+        if entries is not None and not self._old and not self._snapshots and entries[i] is cur:
+            entries[i] = rec
+        else:
+            self._put_record(path, rec, gen)
         self.gen = gen
         if self._garbage:
             self._collect()
         return gen
 
-    def remove(self, path: str) -> list[tuple[str, Perms]]:
+    def create(
+        self, path: str, value: bytes, perms: Perms, parent_key: Key, parent_rec: Record | None = None
+    ) -> int:
+        """Add a node under an existing parent (``parent_key`` and ``parent_rec`` from
+        :meth:`lookup` in the same request) as a commit of its own: a WRITE outside a
+        transaction creating one node.  Returns the new generation."""
+        gen = self.gen + 1
+        if self.log is not None:
+            self.log.node(path, value, perms)
+        pid = self._perm_id(perms)
+        rec = _head(path) + value + _REC.pack(gen, gen, pid)
+        o = perms[0].domid  # _charge(path, rec, +1), without unpacking what was just packed
+        self.owned[o] = self.owned.get(o, 0) + 1
+        self.owned_bytes[o] = self.owned_bytes.get(o, 0) + node_size(path, len(value), perms)
+        self._track(path, pid)
+        self._put_record(path, rec, gen)
+        self._child_list_changed(parent_key[0], gen, None if parent_rec is None else (parent_key, parent_rec))
+        self.gen = gen
+        if self._garbage:
+            self._collect()
+        return gen
+
+    def remove(self, path: str, key: Key | None = None) -> list[tuple[str, Perms]]:
         """Delete a live node (not the root) and its subtree as a commit of its own (RM outside
         a transaction), iteratively.  Returns each removed path with its permissions, top first,
-        then pre-order, for watch events."""
+        then pre-order, for watch events.  ``key`` is what :meth:`lookup` found in the same
+        request, if the caller has it."""
+        if not self._snapshots and not self._old:
+            return self._remove_unseen(path, key)
         gen = self.gen + 1
         perm_lists = self._perm_lists
         removed: list[tuple[str, Perms]] = []
@@ -614,6 +671,57 @@ class Store:
         self._child_list_changed(parent(path), gen)
         self.gen = gen
         self._collect()
+        return removed
+
+    def _remove_unseen(self, path: str, key: Key | None) -> list[tuple[str, Perms]]:
+        """:meth:`remove` when no snapshot is open (the usual case, and every RM of test-xenstore
+        or a toolstack's cleanup): no version needs keeping, so the subtree's directories are
+        dropped whole (one dict pop each) and the top's entry cut from its parent's list,
+        instead of a search and a tombstone per node: RM of a directory costs its nodes' count,
+        journal record and event, nothing more."""
+        gen = self.gen + 1
+        dirs = self._dirs
+        up, head = _split(path)
+        if key is not None and key[1] is not None and key[1][key[2]].startswith(head):
+            entries: list[Record] | SortedList = key[1]
+            sub, i = key[1], key[2]
+        else:
+            found = dirs.get(up)
+            if found is None:
+                return []
+            entries = found
+            sub, i = _slot(entries, head)
+            if i >= len(sub) or not sub[i].startswith(head):
+                return []
+        top = sub[i]
+        self._delete(up, entries, sub, i)
+        perm_lists, unpack, tail = self._perm_lists, _REC.unpack_from, _REC_SIZE
+        owned, owned_bytes = self.owned, self.owned_bytes
+        nlog = self.log
+        removed: list[tuple[str, Perms]] = []
+        stack = [(path, top)]
+        while stack:
+            p, rec = stack.pop()
+            node_perms = perm_lists[unpack(rec, len(rec) - tail)[2]]
+            removed.append((p, node_perms))
+            if nlog is not None:
+                nlog.removed(p)
+            o = node_perms[0].domid  # _charge(p, rec, -1), inlined
+            n = owned.get(o, 0) - 1
+            if n > 0:
+                owned[o] = n
+                owned_bytes[o] -= NODE_OVERHEAD + len(p) + len(rec) - tail - 1 - rec.index(0) + 8 * len(node_perms)
+            else:
+                owned.pop(o, None)
+                owned_bytes.pop(o, None)
+            children = dirs.pop(p, None)
+            if children:
+                prefix = p + "/"
+                stack.extend([(prefix + e[: e.index(0)].decode(), e) for e in reversed(children)])
+        self._child_list_changed(up, gen)
+        self.gen = gen
+        if self._garbage:
+            self._collect()
         return removed
 
     def load(self, nodes: dict[str, tuple[bytes, Perms]]) -> list[str]:

@@ -93,9 +93,12 @@ class Transaction:
         writes = self.writes
         if path in writes:
             return writes[path]
-        node = self._base(path)
-        if not self.implicit and path not in self.reads:
-            self.reads[path] = node.vgen if node is not None else None
+        if self.implicit:
+            return self.store.get(path)
+        node = self.store.get_at(path, self.snap)  # _base, spelt out: every read in a transaction
+        reads = self.reads
+        if path not in reads:
+            reads[path] = node.vgen if node is not None else None
         return node
 
     def children(self, path: str) -> list[str]:

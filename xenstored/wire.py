@@ -184,7 +184,11 @@ class Parser:
                 break
             out.append(Message(type_, req_id, tx_id, view[pos + HEADER_SIZE : stop]))
             pos = stop
-        self._buf = bytearray(view[pos:]) if pos < end else bytearray()
+        if pos < end:
+            self._buf = bytearray(view[pos:])
+        elif buf:
+            self._buf = bytearray()
+        # (else the buffer is the empty one it was: no new one per request)
         return out
 
     def reset(self) -> None:
