@@ -268,7 +268,11 @@ def test_a_handler_may_shut_the_hub_down() -> None:
                 nursery.cancel_scope.cancel()
 
             hub.add(a.fileno(), on_readable, fail)
-            threading.Thread(target=b.send, args=(b"stop",), daemon=True).start()
+            def send_later() -> None:
+                time.sleep(0.05)  # trio is idle by then: the hub waits in epoll_wait itself
+                b.send(b"stop")
+
+            threading.Thread(target=send_later, daemon=True).start()
             await trio.sleep_forever()
         return hub
 
