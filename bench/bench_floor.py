@@ -16,8 +16,8 @@ One client sends READs one at a time (as libxl, xenbus and every ``xenstore-*`` 
 
 Each is measured with client and daemon pinned to different CPUs (a cross-CPU wakeup per
 message, as with a guest on its own vCPU) and to one CPU (a round trip is then both sides' CPU,
-what a busy dom0 pays).  Reported per request: the daemon's CPU (utime + stime from
-``/proc/<pid>/stat``) and the round trip, medians over rounds that alternate the servers.
+what a busy dom0 pays).  Reported per request: the daemon's CPU (its threads' run time from
+``/proc/<pid>/task/*/schedstat``: utime + stime at nanosecond precision) and the round trip, medians over rounds that alternate the servers.
 ``trio - raw`` is what trio's wait costs; ``hub - raw`` what the hub costs; ``ours - hub`` is our
 daemon's own work.
 """

@@ -119,7 +119,7 @@ def w_sequential(d: Daemon, size: Size, rnd: int) -> Metrics:
     Measured twice: client and daemon pinned to different CPUs (``read_us``: a cross-CPU wakeup
     per message hides the daemon's CPU in the round trip) and to one CPU (``read_one_cpu_us``:
     a round trip is then both sides' CPU, what a busy dom0 pays).  The daemon's CPU per request
-    comes from /proc/<pid>/stat over each run."""
+    comes from its threads' run time (/proc/<pid>/task/*/schedstat) over each run."""
     base = f"/bench/seq/r{rnd}"
     with Client(d.socket) as c:
         c.write(f"{base}/r", "some-value")
