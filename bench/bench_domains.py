@@ -44,6 +44,7 @@ from xenstored.client import SyncClient
 from xenstored.guest import Guest
 from xenstored.wire import Op
 
+from . import daemons
 from .daemons import Daemon, Spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -409,11 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reads", type=int, default=2000, help="sequential READs per latency figure")
     ap.add_argument("--cycles", type=int, default=30, help="extra domains introduced/released per level")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a wave step may take")
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else "/tmp"
+    ap.add_argument("--run-base", default=shm,
+                    help="where the daemons' run directories go (default: tmpfs, %(default)s, where an "
+                         "emulated ring file costs the same with 10 or 1,000 others beside it; on "
+                         "ext4 that cost grows with the folder)")
     ap.add_argument("--against-cmd", help="start another daemon with this command ({rundir} substituted)")
     ap.add_argument("--against", help="socket of a running daemon to measure instead of ours")
     ap.add_argument("--label", default=None, help="name of the other daemon")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
+    daemons.RUN_BASE = a.run_base
     levels = [int(x) for x in a.levels.split(",")] if a.levels else sorted({10, 100, a.domains})
     if a.against_cmd:
         spec = Spec(a.label or "other", cmd=a.against_cmd)

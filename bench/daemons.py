@@ -60,6 +60,11 @@ class Daemon:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
 
+# Where run directories (socket, fakexen folder with its ring files) are made.  A bench may move
+# them to tmpfs: on a disk file system, creating the N-th ring file in one folder costs time that
+# grows with N, a cost of the emulation (on Xen a ring is a granted page, not a file).
+RUN_BASE = "/tmp"
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -89,7 +94,7 @@ def _clean_env() -> dict[str, str]:
 
 def start_ours(label: str = "ours", src: str | None = None) -> Daemon:
     """Our daemon from this checkout, or from the source tree ``src`` (e.g. an exported commit)."""
-    rundir = tempfile.mkdtemp(prefix="xsbA", dir="/tmp")
+    rundir = tempfile.mkdtemp(prefix="xsbA", dir=RUN_BASE)
     d = Daemon(label, os.path.join(rundir, "socket"), os.path.join(rundir, "fx"), rundir)
     d._owns_rundir = True
     log = open(os.path.join(rundir, "daemon.log"), "wb")  # noqa: SIM115 - handed to the child
@@ -116,7 +121,7 @@ def start_cmd(cmd: str, label: str) -> Daemon:
     the daemon in the background and exit; the daemon is then found through the socket's peer
     credentials and SIGTERMed by pid.
     """
-    rundir = tempfile.mkdtemp(prefix="orcB", dir="/tmp")
+    rundir = tempfile.mkdtemp(prefix="orcB", dir=RUN_BASE)
     argv = shlex.split(cmd)
     if any("{rundir}" in a for a in argv):
         argv = [a.replace("{rundir}", rundir) for a in argv]
