@@ -68,10 +68,17 @@ class TrioInternals:
     @classmethod
     def find(cls) -> TrioInternals | None:
         try:
-            return cls()
+            found = cls()
         except Exception as e:  # noqa: BLE001 - any mismatch means: do without
-            log.info("trio %s: serving sockets without the idle fast path (%s)", trio.__version__, e)
+            log.warning(
+                "trio %s: serving clients without the idle fast path (%s); requests cost a trio "
+                "pass each, correct but slower: report this trio version",
+                trio.__version__,
+                e,
+            )
             return None
+        log.info("trio %s: idle clients are served from epoll_wait directly", trio.__version__)
+        return found
 
 
 class Hub:
