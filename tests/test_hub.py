@@ -280,3 +280,31 @@ def test_a_handler_may_shut_the_hub_down() -> None:
     assert hub.served_idle == 1
     a.close()
     b.close()
+
+
+def test_without_trio_internals_the_hub_serves_through_trio(monkeypatch) -> None:  # noqa: ANN001
+    """A trio whose private parts differ: the hub logs it and serves in busy mode only."""
+
+    def differs(self: TrioInternals) -> None:
+        raise AttributeError("no _epoll here")
+
+    monkeypatch.setattr(TrioInternals, "__init__", differs)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    replies: list[bytes] = []
+    closed: list[int] = []
+
+    async def main() -> Hub:
+        hub = Hub()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
+            await trio.to_thread.run_sync(sequential_peer, b, 100, replies)
+            nursery.cancel_scope.cancel()
+        return hub
+
+    hub = run(main)
+    assert replies == [b"REQ%d" % i for i in range(100)]
+    assert (hub.served, hub.served_idle) == (100, 0)
+    a.close()
+    b.close()
