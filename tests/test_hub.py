@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 import trio
 
 from xenstored.hub import Hub, TrioInternals
@@ -282,7 +283,7 @@ def test_a_handler_may_shut_the_hub_down() -> None:
     b.close()
 
 
-def test_without_trio_internals_the_hub_serves_through_trio(monkeypatch) -> None:  # noqa: ANN001
+def test_without_trio_internals_the_hub_serves_through_trio(monkeypatch: pytest.MonkeyPatch) -> None:
     """A trio whose private parts differ: the hub logs it and serves in busy mode only."""
 
     def differs(self: TrioInternals) -> None:
