@@ -6,17 +6,23 @@ then a wait for the reply.  With a task per connection, each request costs a tri
 on this project's machines, as much as C xenstored's whole request on one CPU.
 
 The hub keeps a persistent, level-triggered epoll registration per fd and calls the fd's
-synchronous handler when it is readable.  It serves in two ways:
+synchronous handler when it is readable.  One task serves them, in two ways:
 
-* **busy**: one task waits for the hub's epoll through ``trio.lowlevel.wait_readable``, then
-  serves every ready fd once.  One pass per wakeup, however many fds are ready; trio's other
-  tasks interleave as usual.  This is all the hub does when the adapter below is unavailable.
-* **idle**: when every other task is blocked (trio's ``wait_all_tasks_blocked``), a second task
+* **idle**: it waits for every other task to block (trio's ``wait_all_tasks_blocked``), then
   blocks in ``epoll_wait`` itself, on the hub's fds *and* trio's own epoll fd, until trio's next
   deadline.  A request is then served by ``epoll_wait``, ``recv``, the handler and ``send``, with
   no scheduler in between.  The moment trio has anything to do (an fd of its own ready, a task
-  made runnable by a handler, a deadline due), the task returns to trio.  The loop never blocks
-  while trio has work: it is trio's own wait, done by us.
+  made runnable by a handler, a deadline due), it returns to trio.  The loop never blocks while
+  trio has work: it is trio's own wait, done by us.
+* **busy**: if trio does not idle within BUSY_AFTER (other tasks keep running), it waits for the
+  hub's epoll through ``trio.lowlevel.wait_readable`` instead and serves every ready fd once per
+  wakeup, one trio pass per wakeup however many fds are ready, then tries for idle again (after
+  IDLE_RETRY at the latest).  So a client waits at most BUSY_AFTER for service while trio is
+  busy.  This is all the hub does
+  when the adapter below is unavailable.
+
+The hub's epoll is never in trio's epoll while the task waits for idle: a request arriving then
+cannot be mistaken by trio for work of its own, and trio finds idle moments reliably.
 
 The idle mode reads three things trio keeps private (its epoll object, its run queue, its
 deadline heap).  :class:`TrioInternals` finds them once and checks their shape; if this trio
@@ -39,12 +45,20 @@ OnFail = Callable[[BaseException], None]
 
 _EPOLLIN = select.EPOLLIN
 MAX_EVENTS = 256
+# Rounds of epoll_wait the idle task serves before it hands the loop back to trio anyway.  A
+# handler that leaves its fd readable (a persistent error it cannot clear) would otherwise keep
+# the loop here for ever; one trio pass per this many requests costs nothing measurable.
+IDLE_ROUNDS = 64
+# How long the hub waits for trio to idle before it serves its fds through trio instead, and how
+# long it then waits through trio before it tries for idle again (a quiet hub after a busy spell).
+BUSY_AFTER = 0.001
+IDLE_RETRY = 0.02
 
 
 class TrioInternals:
     """What idle mode needs from the running trio loop, or None from :meth:`find`."""
 
-    __slots__ = ("epoll", "next_deadline", "now", "registered", "runq", "wait_idle")
+    __slots__ = ("epoll", "next_deadline", "now", "runq", "wait_idle")
 
     def __init__(self) -> None:
         from trio._core import _run
@@ -54,8 +68,6 @@ class TrioInternals:
         if not isinstance(epoll, select.epoll) or getattr(runner, "is_guest", False):
             raise TypeError("trio does not run on its own epoll here")
         self.epoll: select.epoll = epoll
-        # fd -> its waiters (read_task, write_task): who trio still thinks waits on an fd.
-        self.registered: dict[int, object] = runner.io_manager._registered
         self.runq = runner.runq
         self.next_deadline: Callable[[], float] = runner.deadlines.next_deadline
         self.now: Callable[[], float] = runner.clock.current_time
@@ -63,7 +75,6 @@ class TrioInternals:
         float(self.next_deadline())
         float(self.now())
         len(self.runq)
-        self.registered.get(-1)
 
     @classmethod
     def find(cls) -> TrioInternals | None:
@@ -92,7 +103,6 @@ class Hub:
         self._idle = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._on_fail: dict[int, OnFail] = {}
-        self._busy_parked = False
         # Handler calls in each mode (tests and metrics: which path really served).
         self.served = 0
         self.served_idle = 0
@@ -150,67 +160,55 @@ class Hub:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         internals = TrioInternals.find()
+        task_status.started()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_busy)
-                if internals is not None:
-                    nursery.start_soon(self._run_idle, internals)
-                task_status.started()
+            await self._run(internals)
         finally:
             self._busy.close()
             self._idle.close()
 
-    async def _run_busy(self) -> None:
-        fd = self._busy.fileno()
+    async def _run(self, trio_: TrioInternals | None) -> None:
+        busy_fd = self._busy.fileno()
         poll = self._busy.poll
         wait_readable = trio.lowlevel.wait_readable
+        if trio_ is not None:
+            self._idle.register(trio_.epoll.fileno(), _EPOLLIN)
         while True:
-            self._busy_parked = True
-            try:
-                await wait_readable(fd)
-            finally:
-                self._busy_parked = False
-            self._serve(poll(0, MAX_EVENTS))
+            if trio_ is not None:
+                idle = False
+                with trio.move_on_after(BUSY_AFTER):
+                    await trio_.wait_idle()
+                    idle = True
+                if idle:  # alone in this pass of trio's: nothing else runnable, no I/O of its own
+                    self._serve_idle(trio_)
+                    continue
+            with trio.move_on_after(IDLE_RETRY if trio_ is not None else math.inf):
+                await wait_readable(busy_fd)
+                self._serve(poll(0, MAX_EVENTS))
 
-    async def _run_idle(self, trio_: TrioInternals) -> None:
-        busy_fd = self._busy.fileno()
+    def _serve_idle(self, trio_: TrioInternals) -> None:
+        """Serve from epoll_wait until trio has work; never longer than trio would have slept."""
         trio_fd = trio_.epoll.fileno()
-        self._idle.register(trio_fd, _EPOLLIN)
         poll = self._idle.poll
         runq, next_deadline, now = trio_.runq, trio_.next_deadline, trio_.now
-        while True:
-            await trio_.wait_idle()
-            if not self._busy_parked:  # pragma: no cover - every task is blocked: it is parked
-                continue
-            # The busy task's registration in trio's epoll would make trio's fd readable with
-            # every request: disarm it while we wait ourselves (trio's books still say armed,
-            # and are right again before trio runs).
-            trio_.epoll.modify(busy_fd, select.EPOLLONESHOT)
-            try:
-                while True:
-                    deadline = next_deadline()
-                    timeout = -1.0 if deadline == math.inf else max(0.0, deadline - now())
-                    events = poll(timeout, MAX_EVENTS)
-                    if not events:
-                        break  # a deadline is due: trio expires it
-                    back = False
-                    handlers = self._handlers
-                    for fd, _ in events:
-                        if fd == trio_fd:
-                            back = True
-                            continue
-                        handler = handlers.get(fd)
-                        if handler is not None:
-                            self.served_idle += 1
-                            try:
-                                handler()
-                            except Exception as e:  # noqa: BLE001 - contained: this fd only
-                                self._fail(fd, e)
-                    if back or runq:
-                        break
-            finally:
-                # Re-armed as trio's books say, unless a handler cancelled the busy task's wait
-                # meanwhile (trio then disarmed it itself and expects no event).
-                waiters = trio_.registered.get(busy_fd)
-                if getattr(waiters, "read_task", None) is not None:
-                    trio_.epoll.modify(busy_fd, _EPOLLIN | select.EPOLLONESHOT)
+        handlers = self._handlers
+        for _ in range(IDLE_ROUNDS):
+            deadline = next_deadline()
+            timeout = -1.0 if deadline == math.inf else max(0.0, deadline - now())
+            events = poll(timeout, MAX_EVENTS)
+            if not events:
+                return  # a deadline is due: trio expires it
+            back = deadline != math.inf and now() >= deadline
+            for fd, _ in events:
+                if fd == trio_fd:
+                    back = True
+                    continue
+                handler = handlers.get(fd)
+                if handler is not None:
+                    self.served_idle += 1
+                    try:
+                        handler()
+                    except Exception as e:  # noqa: BLE001 - contained: this fd only
+                        self._fail(fd, e)
+            if back or runq:
+                return
