@@ -45,10 +45,9 @@ OnFail = Callable[[BaseException], None]
 
 _EPOLLIN = select.EPOLLIN
 MAX_EVENTS = 256
-# Rounds of epoll_wait the idle task serves before it hands the loop back to trio anyway.  A
-# handler that leaves its fd readable (a persistent error it cannot clear) would otherwise keep
-# the loop here for ever; one trio pass per this many requests costs nothing measurable.
-IDLE_ROUNDS = 64
+# Rounds of epoll_wait the idle loop serves before it hands the loop back to trio anyway, a
+# backstop: trio's own I/O, a task made runnable and a due deadline already send it back.
+IDLE_ROUNDS = 4096
 # How long the hub waits for trio to idle before it serves its fds through trio instead, and how
 # long it then waits through trio before it tries for idle again (a quiet hub after a busy spell).
 BUSY_AFTER = 0.001
@@ -192,13 +191,15 @@ class Hub:
         poll = self._idle.poll
         runq, next_deadline, now = trio_.runq, trio_.next_deadline, trio_.now
         handlers = self._handlers
-        for _ in range(IDLE_ROUNDS):
+        for rounds in range(IDLE_ROUNDS):
             deadline = next_deadline()
             timeout = -1.0 if deadline == math.inf else max(0.0, deadline - now())
             events = poll(timeout, MAX_EVENTS)
             if not events:
                 return  # a deadline is due: trio expires it
-            back = deadline != math.inf and now() >= deadline
+            # Busy rounds may pass a deadline without a timeout: look every few rounds (a clock
+            # read each round would cost more than a late timer by a few requests' time).
+            back = not rounds & 15 and deadline != math.inf and now() >= deadline
             for fd, _ in events:
                 if fd == trio_fd:
                     back = True
