@@ -354,3 +354,36 @@ def test_a_handler_that_never_drains_its_fd_does_not_starve_trio() -> None:
     assert len(calls) > 3
     a.close()
     b.close()
+
+
+def test_a_failure_of_the_hub_itself_is_logged_and_it_serves_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a handler's bug but the loop's own (an epoll call failing, say): one retry, no end."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    replies: list[bytes] = []
+    closed: list[int] = []
+    real = Hub._serve_idle
+    broken = [True]
+
+    def flaky(self: Hub, trio_: TrioInternals) -> None:
+        if broken:
+            broken.clear()
+            raise OSError("epoll_wait: a surprise")
+        real(self, trio_)
+
+    monkeypatch.setattr(Hub, "_serve_idle", flaky)
+
+    async def main() -> Hub:
+        hub = Hub()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
+            await trio.to_thread.run_sync(sequential_peer, b, 50, replies)
+            nursery.cancel_scope.cancel()
+        return hub
+
+    hub = run(main)
+    assert hub.failures == 1
+    assert len(replies) == 50
+    a.close()
+    b.close()

@@ -105,6 +105,8 @@ class Hub:
         # Handler calls in each mode (tests and metrics: which path really served).
         self.served = 0
         self.served_idle = 0
+        self.failures = 0  # the hub's own loop failing (not a handler): logged, retried
+        self._trio_registered = False
 
     def add(self, fd: int, handler: Handler, on_fail: OnFail) -> None:
         """Call ``handler()`` whenever ``fd`` is readable, until :meth:`remove`.  The handler
@@ -161,7 +163,13 @@ class Hub:
         internals = TrioInternals.find()
         task_status.started()
         try:
-            await self._run(internals)
+            while True:
+                try:
+                    await self._run(internals)
+                except Exception:  # a bug here must not end the daemon: log, and serve on
+                    log.exception("the client hub failed; it serves on: report this with the log")
+                    self.failures += 1
+                    await trio.sleep(0.01)
         finally:
             self._busy.close()
             self._idle.close()
@@ -170,8 +178,9 @@ class Hub:
         busy_fd = self._busy.fileno()
         poll = self._busy.poll
         wait_readable = trio.lowlevel.wait_readable
-        if trio_ is not None:
+        if trio_ is not None and not self._trio_registered:
             self._idle.register(trio_.epoll.fileno(), _EPOLLIN)
+            self._trio_registered = True
         while True:
             if trio_ is not None:
                 idle = False
