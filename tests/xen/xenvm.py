@@ -572,7 +572,12 @@ PLATFORM_RE = re.compile(
     # glibc's heap checks (seen from processes the hotplug scripts start)
     r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
     r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)|"
-    r"^guest: \S+ \S+ killed by signal (4|6|7|11),|^XSVM PLATFORM .* killed by signal"
+    r"^guest: \S+ \S+ killed by signal (4|6|7|11),|^XSVM PLATFORM .* killed by signal|"
+    # Xen's own hotplug script, unchanged and run fine a moment before, failing to parse: its
+    # text came back corrupt from the read-only 9p share (seen once, in block's `$(xenstore_read
+    # "$XENBUS_PATH/params")`, after the same script had attached xvda)
+    r"^/etc/xen/scripts/\S+: (command substitution: )?line \d+: "
+    r"(unexpected EOF while looking for matching|syntax error)"
 )
 
 
