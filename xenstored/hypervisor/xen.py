@@ -359,11 +359,15 @@ class XenHypervisor(Hypervisor):
         return self._fd
 
     def handle_events(self, on_port_kicked: PortCallback, on_dom_exc: Callable[[], None]) -> None:
-        # /dev/xen/evtchn is readable while ports are pending; each read takes what is there.
+        self._deliver(on_port_kicked, on_dom_exc)
+
+    def _deliver(self, on_port_kicked: PortCallback, on_dom_exc: DomExcCallback) -> object:
+        """Read the pending ports (/dev/xen/evtchn is readable while there are some), call back
+        for each, unmask them; returns what ``on_dom_exc`` returned, for run() to await."""
         try:
             data = os.read(self._fd, 4 * 256)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         ports = array.array("I")
         ports.frombytes(data[: len(data) - len(data) % 4])
         try:
@@ -373,8 +377,7 @@ class XenHypervisor(Hypervisor):
                     virq = True
                 else:
                     on_port_kicked(port)
-            if virq:
-                on_dom_exc()
+            return on_dom_exc() if virq else None
         finally:
             if ports:
                 try:
@@ -392,29 +395,9 @@ class XenHypervisor(Hypervisor):
         task_status.started()
         while True:
             await trio.lowlevel.wait_readable(self._fd)
-            try:
-                data = os.read(self._fd, 4 * 256)
-            except (BlockingIOError, InterruptedError):
-                continue
-            ports = array.array("I")
-            ports.frombytes(data[: len(data) - len(data) % 4])
-            try:
-                virq = False
-                for port in dict.fromkeys(ports):
-                    if port == self.virq_port:
-                        virq = True
-                    else:
-                        on_port_kicked(port)
-                if virq:
-                    res = on_dom_exc()
-                    if inspect.isawaitable(res):
-                        await res
-            finally:
-                if ports:
-                    try:
-                        os.write(self._fd, ports.tobytes())  # unmask what we handled
-                    except OSError:
-                        pass
+            res = self._deliver(on_port_kicked, on_dom_exc)
+            if inspect.isawaitable(res):
+                await res
             await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
