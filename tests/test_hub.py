@@ -52,6 +52,29 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
     return trio.run(guarded)
 
 
+def echo_through_hub(n: int) -> tuple[Hub, list[bytes]]:
+    """A hub serving an echo handler to a peer thread sending ``n`` requests one at a time."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    replies: list[bytes] = []
+    closed: list[int] = []
+
+    async def main() -> Hub:
+        hub = Hub()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
+            await trio.to_thread.run_sync(sequential_peer, b, n, replies)
+            nursery.cancel_scope.cancel()
+        return hub
+
+    try:
+        return run(main), replies
+    finally:
+        a.close()
+        b.close()
+
+
 def fail(e: BaseException) -> None:
     raise AssertionError(f"handler failed: {e!r}")
 
@@ -300,25 +323,9 @@ def test_without_trio_internals_the_hub_serves_through_trio(monkeypatch: pytest.
         raise AttributeError("no _epoll here")
 
     monkeypatch.setattr(TrioInternals, "__init__", differs)
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    replies: list[bytes] = []
-    closed: list[int] = []
-
-    async def main() -> Hub:
-        hub = Hub()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hub.run)
-            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
-            await trio.to_thread.run_sync(sequential_peer, b, 100, replies)
-            nursery.cancel_scope.cancel()
-        return hub
-
-    hub = run(main)
+    hub, replies = echo_through_hub(100)
     assert replies == [b"REQ%d" % i for i in range(100)]
     assert (hub.served, hub.served_idle) == (100, 0)
-    a.close()
-    b.close()
 
 
 def test_a_handler_that_never_drains_its_fd_does_not_starve_trio() -> None:
@@ -358,10 +365,6 @@ def test_a_handler_that_never_drains_its_fd_does_not_starve_trio() -> None:
 
 def test_a_failure_of_the_hub_itself_is_logged_and_it_serves_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a handler's bug but the loop's own (an epoll call failing, say): one retry, no end."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    replies: list[bytes] = []
-    closed: list[int] = []
     real = Hub._serve_idle
     broken = [True]
 
@@ -372,18 +375,6 @@ def test_a_failure_of_the_hub_itself_is_logged_and_it_serves_on(monkeypatch: pyt
         real(self, trio_)
 
     monkeypatch.setattr(Hub, "_serve_idle", flaky)
-
-    async def main() -> Hub:
-        hub = Hub()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hub.run)
-            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
-            await trio.to_thread.run_sync(sequential_peer, b, 50, replies)
-            nursery.cancel_scope.cancel()
-        return hub
-
-    hub = run(main)
+    hub, replies = echo_through_hub(50)
     assert hub.failures == 1
-    assert len(replies) == 50
-    a.close()
-    b.close()
+    assert replies == [b"REQ%d" % i for i in range(50)]
