@@ -566,16 +566,21 @@ class EmulatedHypervisor(Hypervisor):
     def handle_events(self, on_port_kicked: PortCallback, on_dom_exc: Callable[[], None]) -> None:
         replies: list[tuple[bytes, str | bytes]] = []
         try:
-            again, virq = self._drain(on_port_kicked, replies)
-            ports = self._ports
-            for port in again:
-                if port in ports:
-                    on_port_kicked(port)
-            if virq:
+            if self._pump_kicks(on_port_kicked, replies):
                 on_dom_exc()
         finally:
             if replies:
                 self._send_replies(replies)
+
+    def _pump_kicks(self, on_port_kicked: PortCallback, replies: list[tuple[bytes, str | bytes]]) -> bool:
+        """One batch of datagrams: each kicked port pumped (again if kicked again meanwhile);
+        True if VIRQ_DOM_EXC was raised.  The replies owed are appended to ``replies``."""
+        again, virq = self._drain(on_port_kicked, replies)
+        ports = self._ports
+        for port in again:
+            if port in ports:
+                on_port_kicked(port)
+        return virq
 
     async def run(
         self,
@@ -585,18 +590,13 @@ class EmulatedHypervisor(Hypervisor):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         task_status.started()
-        ports = self._ports
         while True:
             # wait_readable is the loop's one scheduling point: another pass per batch would
             # only add latency to every ring round trip.
             await trio.lowlevel.wait_readable(self._sock)
             replies: list[tuple[bytes, str | bytes]] = []
             try:
-                again, virq = self._drain(on_port_kicked, replies)
-                for port in again:
-                    if port in ports:
-                        on_port_kicked(port)
-                if virq:
+                if self._pump_kicks(on_port_kicked, replies):
                     res = on_dom_exc()
                     if inspect.isawaitable(res):
                         await res

@@ -359,31 +359,39 @@ class XenHypervisor(Hypervisor):
         return self._fd
 
     def handle_events(self, on_port_kicked: PortCallback, on_dom_exc: Callable[[], None]) -> None:
-        self._deliver(on_port_kicked, on_dom_exc)
+        ports = self._pending()
+        try:
+            if self._kick(ports, on_port_kicked):
+                on_dom_exc()
+        finally:
+            self._unmask(ports)
 
-    def _deliver(self, on_port_kicked: PortCallback, on_dom_exc: DomExcCallback) -> object:
-        """Read the pending ports (/dev/xen/evtchn is readable while there are some), call back
-        for each, unmask them; returns what ``on_dom_exc`` returned, for run() to await."""
+    def _pending(self) -> array.array[int]:
+        """The ports pending now (/dev/xen/evtchn is readable while there are some)."""
+        ports = array.array("I")
         try:
             data = os.read(self._fd, 4 * 256)
         except (BlockingIOError, InterruptedError):
-            return None
-        ports = array.array("I")
+            return ports
         ports.frombytes(data[: len(data) - len(data) % 4])
-        try:
-            virq = False
-            for port in dict.fromkeys(ports):
-                if port == self.virq_port:
-                    virq = True
-                else:
-                    on_port_kicked(port)
-            return on_dom_exc() if virq else None
-        finally:
-            if ports:
-                try:
-                    os.write(self._fd, ports.tobytes())  # unmask what we handled
-                except OSError:
-                    pass
+        return ports
+
+    def _kick(self, ports: array.array[int], on_port_kicked: PortCallback) -> bool:
+        """Call back once per kicked port; True if VIRQ_DOM_EXC is among them."""
+        virq = False
+        for port in dict.fromkeys(ports):
+            if port == self.virq_port:
+                virq = True
+            else:
+                on_port_kicked(port)
+        return virq
+
+    def _unmask(self, ports: array.array[int]) -> None:
+        if ports:
+            try:
+                os.write(self._fd, ports.tobytes())  # unmask what we handled
+            except OSError:
+                pass
 
     async def run(
         self,
@@ -395,9 +403,14 @@ class XenHypervisor(Hypervisor):
         task_status.started()
         while True:
             await trio.lowlevel.wait_readable(self._fd)
-            res = self._deliver(on_port_kicked, on_dom_exc)
-            if inspect.isawaitable(res):
-                await res
+            ports = self._pending()
+            try:
+                if self._kick(ports, on_port_kicked):
+                    res = on_dom_exc()
+                    if inspect.isawaitable(res):
+                        await res
+            finally:
+                self._unmask(ports)
             await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
