@@ -584,13 +584,19 @@ class Store:
         set.  ``key, cur`` come from :meth:`lookup` in the same request (nothing can have changed
         in between on the single-threaded loop).  Returns the new generation."""
         gen = self.gen + 1
-        path, entries, i = key
+        path = key[0]
         _vgen, cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
         node_perms = self._perm_lists[pid]
         if self.log is not None:
             self.log.node(path, value, node_perms)
         rec = b"".join((cur[: cur.index(0) + 1], value, _REC.pack(gen, cgen, pid)))  # one copy of the value
         self.owned_bytes[node_perms[0].domid] += len(rec) - len(cur)
+        return self._replace(key, cur, rec, gen)
+
+    def _replace(self, key: Key, cur: Record, rec: Record, gen: int) -> int:
+        """Commit ``rec`` in place of a live node's ``cur`` as generation ``gen``, where lookup
+        found it when no snapshot needs the old version (else beside it), and return ``gen``."""
+        path, entries, i = key
         if entries is not None and not self._old and not self._snapshots and entries[i] is cur:
             entries[i] = rec  # nothing to keep for a snapshot: the entry where lookup found it
         else:
@@ -606,7 +612,7 @@ class Store:
         set of that one node.  ``key, cur`` come from :meth:`lookup` in the same request.
         Returns the new generation."""
         gen = self.gen + 1
-        path, entries, i = key
+        path = key[0]
         cgen = _REC.unpack_from(cur, len(cur) - _REC_SIZE)[1]
         if self.log is not None:
             self.log.node(path, cur[cur.index(0) + 1 : _TAIL], perms)
@@ -615,14 +621,7 @@ class Store:
         self._track(path, pid)
         rec = cur[:_TAIL] + _REC.pack(gen, cgen, pid)
         self._charge(path, rec, +1)
-        if entries is not None and not self._old and not self._snapshots and entries[i] is cur:
-            entries[i] = rec
-        else:
-            self._put_record(path, rec, gen)
-        self.gen = gen
-        if self._garbage:
-            self._collect()
-        return gen
+        return self._replace(key, cur, rec, gen)
 
     def create(
         self, path: str, value: bytes, perms: Perms, parent_key: Key, parent_rec: Record | None = None
