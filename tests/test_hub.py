@@ -52,11 +52,10 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
     return trio.run(guarded)
 
 
-def echo_through_hub(n: int) -> tuple[Hub, list[bytes]]:
-    """A hub serving an echo handler to a peer thread sending ``n`` requests one at a time."""
+def echo_through_hub(peer: Callable[[socket.socket], object]) -> Hub:
+    """A hub serving an echo handler to ``peer(sock)``, run in a thread until it returns."""
     a, b = socket.socketpair()
     a.setblocking(False)
-    replies: list[bytes] = []
     closed: list[int] = []
 
     async def main() -> Hub:
@@ -64,12 +63,12 @@ def echo_through_hub(n: int) -> tuple[Hub, list[bytes]]:
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run)
             hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
-            await trio.to_thread.run_sync(sequential_peer, b, n, replies)
+            await trio.to_thread.run_sync(peer, b)
             nursery.cancel_scope.cancel()
         return hub
 
     try:
-        return run(main), replies
+        return run(main)
     finally:
         a.close()
         b.close()
@@ -98,25 +97,13 @@ for i in range(int(sys.argv[2])):
 def test_sequential_requests_are_served_in_idle_mode() -> None:
     """A client in another process (as every real one is: a thread would share our GIL and
     race trio's passes) sending one request at a time is served from epoll_wait directly."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    closed: list[int] = []
 
-    async def main() -> Hub:
-        hub = Hub()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hub.run)
-            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
-            argv = [sys.executable, "-c", PEER, str(b.fileno()), "500"]
-            peer = subprocess.Popen(argv, pass_fds=[b.fileno()])  # noqa: ASYNC220 - starting is instant
-            b.close()
-            assert await trio.to_thread.run_sync(peer.wait) == 0
-            nursery.cancel_scope.cancel()
-        return hub
+    def process_peer(sock: socket.socket) -> object:
+        argv = [sys.executable, "-c", PEER, str(sock.fileno()), "500"]
+        return subprocess.run(argv, pass_fds=[sock.fileno()], check=True)
 
-    hub = run(main)
+    hub = echo_through_hub(process_peer)
     assert hub.served_idle >= 490, (hub.served, hub.served_idle)
-    a.close()
 
 
 def test_a_timer_fires_on_time_while_the_hub_waits() -> None:
@@ -323,7 +310,8 @@ def test_without_trio_internals_the_hub_serves_through_trio(monkeypatch: pytest.
         raise AttributeError("no _epoll here")
 
     monkeypatch.setattr(TrioInternals, "__init__", differs)
-    hub, replies = echo_through_hub(100)
+    replies: list[bytes] = []
+    hub = echo_through_hub(lambda sock: sequential_peer(sock, 100, replies))
     assert replies == [b"REQ%d" % i for i in range(100)]
     assert (hub.served, hub.served_idle) == (100, 0)
 
@@ -375,6 +363,7 @@ def test_a_failure_of_the_hub_itself_is_logged_and_it_serves_on(monkeypatch: pyt
         real(self, trio_)
 
     monkeypatch.setattr(Hub, "_serve_idle", flaky)
-    hub, replies = echo_through_hub(50)
+    replies: list[bytes] = []
+    hub = echo_through_hub(lambda sock: sequential_peer(sock, 50, replies))
     assert hub.failures == 1
     assert replies == [b"REQ%d" % i for i in range(50)]

@@ -102,7 +102,7 @@ class Hub:
         self._idle = select.epoll()
         self._handlers: dict[int, Handler] = {}
         self._on_fail: dict[int, OnFail] = {}
-        # Handler calls in each mode (tests and metrics: which path really served).
+        # Handler calls in each mode (tests: which path really served).
         self.served = 0
         self.served_idle = 0
         self.failures = 0  # the hub's own loop failing (not a handler): logged, retried
