@@ -3,7 +3,7 @@
     python -m bench.bench_inproc [--reps 3000] [--rounds 5] [--profile OP] [--no-journal]
 
 What an edge does with one request from a privileged socket client, and nothing else:
-``ops.handle(core, conn, frame)``, the journal flush a send waits for (``core.durable()``) and
+``ops.answer(core, conn, frame)`` (or, for what it does not answer, ``ops.handle``), the journal flush a send waits for (``core.durable()``) and
 taking the reply off the connection (what ``server.send_now`` hands to ``send``).  The daemon
 state is built as the service builds it: a ``Core`` with the default configuration and an open
 ``Journal`` (sync policy ``none``, the default), in a temporary directory.
@@ -77,9 +77,11 @@ class Bench:
 
     def run(self, data: bytes) -> bytes:
         """One request as the socket edge serves it; returns the reply bytes."""
-        ops.handle(self.core, self.conn, data)
+        reply = ops.answer(self.core, self.conn, data)
+        if reply is None:
+            ops.handle(self.core, self.conn, data)
         self.core.durable()
-        return self.conn.take_output()
+        return reply or self.conn.take_output()
 
     def tx_id(self, reply: bytes) -> int:
         return int(reply[16:-1])

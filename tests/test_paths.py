@@ -98,3 +98,20 @@ def test_canonicalize_wire_is_decode_then_canonicalize(raw: bytes) -> None:
     assert outcome(lambda: paths.canonicalize_wire(raw, home)) == outcome(
         lambda: paths.canonicalize(paths.decode(raw), home)
     )
+
+
+def test_wire_path_cache_is_per_home_and_bounded() -> None:
+    """A path seen before comes from the cache, spelt for the home that names it; a client
+    naming ever new paths empties the cache rather than growing it."""
+    assert paths.canonicalize_wire(b"device/vbd", "/local/domain/3") == "/local/domain/3/device/vbd"
+    assert paths.canonicalize_wire(b"device/vbd", "/local/domain/4") == "/local/domain/4/device/vbd"
+    assert paths.canonicalize_wire(b"device/vbd", "/local/domain/3") == "/local/domain/3/device/vbd"
+    for i in range(2 * paths.WIRE_CACHE_MAX + 3):
+        assert paths.canonicalize_wire(f"/n/{i}".encode(), "/local/domain/0") == f"/n/{i}"
+        assert paths.canonicalize_wire(f"n/{i}".encode(), "/local/domain/0") == f"/local/domain/0/n/{i}"
+    assert 0 < len(paths._absolute) <= paths.WIRE_CACHE_MAX
+    assert 0 < len(paths._relative) <= paths.WIRE_CACHE_MAX
+    with pytest.raises(XsError):  # refused paths are never cached, so refused every time
+        paths.canonicalize_wire(b"/a//b", "/local/domain/0")
+    with pytest.raises(XsError):
+        paths.canonicalize_wire(b"/a//b", "/local/domain/0")

@@ -305,3 +305,19 @@ def test_rm_missing_child_of_existing_parent_is_ok(raw) -> None:
 def test_rm_missing_parent_is_enoent(raw) -> None:
     c = raw()
     assert c.call(Op.RM, b"/nopar/none\0").payload == err("ENOENT")
+
+
+def test_replies_a_client_leaves_unread_arrive_whole_and_in_order(raw) -> None:
+    """One request at a time, its replies unread until the socket is full: each reply that
+    cannot leave at once (or only in part) waits in the queue, and the ones after it queue
+    behind it rather than overtaking it."""
+    c = raw()
+    value = bytes(range(65, 91)) * 150  # 3,900 bytes: 300 replies are far more than a socket buffer
+    assert c.call(Op.WRITE, b"/unread\0" + value).payload == b"OK\0"
+    for i in range(300):
+        c.send(Op.READ, b"/unread\0", req_id=1000 + i)
+        time.sleep(0.001)  # one request per recv on the daemon's side, as a sequential client
+    for i in range(300):
+        r = c.recv()
+        assert (r.type, r.req_id, r.payload) == (Op.READ, 1000 + i, value)
+    assert c.call(Op.READ, b"/unread\0", req_id=5).payload == value

@@ -26,6 +26,8 @@ from .wire import (
     DOMID_ANY,
     DOMID_SELF,
     FEATURE_WATCHDEPTH,
+    HEADER,
+    HEADER_SIZE,
     PAYLOAD_MAX,
     Message,
     Op,
@@ -766,6 +768,64 @@ def handle(core: Core, conn: Connection, data: bytes) -> None:
         dispatch(core, conn, msg)
 
 
+def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:
+    """The framed reply to ``data`` when it is exactly one request outside a transaction that its
+    in-place handler (``IN_PLACE``) answers, for the edge to send at once; None when nothing was
+    done and the edge must take the general way (:func:`handle`).
+
+    What libxl, xenbus and every ``xenstore-*`` tool send is one READ or WRITE and a wait: this
+    answers it without the parser's buffer, the output queue and :func:`dispatch`'s general
+    checks, which together cost a sequential request about a third of our own work.  The
+    request's effect and its metrics are :func:`dispatch`'s (the same in-place handlers; the
+    same histogram and error counts).  Taken only when nothing is queued or half-received on the
+    connection and no tracer or output journal watches it, so replies keep their order; a
+    request whose watch events reach this same connection has its reply queued behind them, and
+    ``b""`` says so (the edge sends its queue)."""
+    if len(data) < HEADER_SIZE:
+        return None
+    type_, req_id, tx_id, length = HEADER.unpack_from(data)
+    if tx_id or length + HEADER_SIZE != len(data) or not conn.bypassable():
+        return None
+    in_place = IN_PLACE.get(type_)
+    if in_place is None:
+        return None
+    start = perf_counter_ns()
+    msg = Message(type_, req_id, 0, data[HEADER_SIZE:])
+    error: str | None = None
+    try:
+        payload = in_place(core, conn, msg)
+    except XsError as e:
+        error = e.name
+    except Exception:
+        log.exception("%s: internal error in %s", conn.label, Op(type_).name)
+        error = "EIO"
+    else:
+        if payload is None:
+            return None  # nothing done: the general path chooses the error or does the work
+        if len(payload) > PAYLOAD_MAX:
+            error = "E2BIG"
+    conn.requests += 1
+    if error is not None:
+        payload = error.encode() + b"\0"
+        type_ = Op.ERROR
+        errors = core.metrics.errors
+        key = conn.domid << 4 | ERROR_INDEX[error]
+        errors[key] = errors.get(key, 0) + 1
+    ns = perf_counter_ns() - start
+    h = core.metrics.latency[msg.type]
+    try:
+        h[BUCKET_TABLE[ns >> TABLE_SHIFT]] += 1
+    except IndexError:  # 4 ms or more
+        h[bucket_of(ns)] += 1
+    if conn.has_output():  # its own watch events: the reply goes behind them
+        if error is None:
+            conn.reply(msg, payload)
+        else:
+            conn.error(msg, error)
+        return b""
+    return HEADER.pack(type_, req_id, 0, len(payload)) + payload
+
+
 def _check_transaction_nodes(core: Core, conn: Connection, txn: Transaction) -> None:
     limit = conn.domain.quotas["transaction-nodes"]
     touched = txn.touched
@@ -774,4 +834,4 @@ def _check_transaction_nodes(core: Core, conn: Connection, txn: Transaction) -> 
         raise _refuse(core, conn, "transaction-nodes", limit, touched)
 
 
-__all__ = ["DOMID_SELF", "HANDLERS", "dispatch", "handle"]
+__all__ = ["DOMID_SELF", "HANDLERS", "answer", "dispatch", "handle"]

@@ -22,7 +22,7 @@ from .connection import Connection
 from .core import Core
 from .hub import Hub
 from .hypervisor.base import Hypervisor
-from .ops import handle
+from .ops import answer, handle
 from .ringpump import RingPump
 from .wire import ProtocolError
 
@@ -114,6 +114,7 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
     peek, consume, has_output = conn.peek_output, conn.consume_output, conn.has_output
     fd = sock.fileno()
     recv = sock.recv
+    durable = core.durable
 
     def send_now() -> bool:
         """Send what the socket takes without waiting; True if everything went."""
@@ -148,13 +149,28 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
             return
         inline = True
         try:
-            handle(core, conn, data)
+            reply = answer(core, conn, data)
+            if reply is None:
+                handle(core, conn, data)
         except ProtocolError as e:
             log.warning("%s: protocol error, disconnecting: %s", conn.label, e)
             end()
             return
         finally:
             inline = False
+        if reply:  # one request answered, nothing else queued: its reply goes straight out
+            durable()
+            try:
+                n = send(reply)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                log.debug("%s: send failed: %s", conn.label, e)
+                end()
+                return
+            if n < len(reply):
+                conn.queue_raw(reply[n:])  # the writer finishes it once the socket takes more
+            return
         try:
             sent = send_now()
         except OSError as e:  # the peer went away (EPIPE, ECONNRESET)

@@ -210,9 +210,10 @@ def split_args(payload: bytes) -> list[bytes]:
 
 def single_arg(payload: bytes) -> bytes:
     """The one argument of READ/RM/...: exactly one NUL and it is the last byte, else EINVAL."""
-    if not payload or payload[-1] != 0 or payload.count(0) != 1:
+    end = len(payload) - 1
+    if payload.find(0) != end or end < 0:  # the first NUL is the last byte (one find, no count)
         raise XsError("EINVAL", "expected exactly one NUL-terminated argument")
-    return payload[:-1]
+    return payload[:end]
 
 
 def parse_domid(raw: bytes) -> int:
