@@ -35,6 +35,7 @@ import logging
 import math
 import select
 from collections.abc import Callable
+from time import perf_counter
 
 import trio
 
@@ -200,15 +201,22 @@ class Hub:
         poll = self._idle.poll
         runq, next_deadline, now = trio_.runq, trio_.next_deadline, trio_.now
         handlers = self._handlers
+        # Trio's next deadline, moved to perf_counter's time scale once (a handler runs no task,
+        # so it sets no deadline; it is looked up again every 16 rounds all the same): a round
+        # then reads one clock, not trio's deadline heap and its clock.
+        deadline = next_deadline()
+        limit = deadline - now() + perf_counter()
         for rounds in range(IDLE_ROUNDS):
-            deadline = next_deadline()
-            timeout = -1.0 if deadline == math.inf else max(0.0, deadline - now())
+            if deadline == math.inf:
+                timeout = -1.0
+            else:
+                timeout = limit - perf_counter()
+                if timeout <= 0:
+                    return  # a deadline is due: trio expires it
             events = poll(timeout, MAX_EVENTS)
             if not events:
-                return  # a deadline is due: trio expires it
-            # Busy rounds may pass a deadline without a timeout: look every few rounds (a clock
-            # read each round would cost more than a late timer by a few requests' time).
-            back = not rounds & 15 and deadline != math.inf and now() >= deadline
+                return  # the same, found by the timeout
+            back = False
             for fd, _ in events:
                 if fd == trio_fd:
                     back = True
@@ -222,3 +230,6 @@ class Hub:
                         self._fail(fd, e)
             if back or runq:
                 return
+            if not rounds & 15:
+                deadline = next_deadline()
+                limit = deadline - now() + perf_counter()
