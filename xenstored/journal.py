@@ -640,10 +640,13 @@ class Journal:
         size = len(head) + len(body)
         try:
             rel = self._off - self._base
-            if rel + size <= WINDOW:  # _copy(head + body), without copying the body first
+            if rel + size <= WINDOW:  # _copy(head + body), without its checks
                 m = self._map
-                m[rel : rel + len(head)] = head
-                m[rel + len(head) : rel + size] = body
+                if size <= 512:  # one copy into the map costs less than two for a small frame
+                    m[rel : rel + size] = head + body
+                else:  # a big frame: no copy of the body just to join it
+                    m[rel : rel + len(head)] = head
+                    m[rel + len(head) : rel + size] = body
                 self._off += size
             else:
                 self._copy(head + body)

@@ -257,10 +257,6 @@ class Store:
                 return (path, entries, i), rec
         return None
 
-    def latest_record(self, path: str) -> Record | None:
-        """The current record of a live node (None: no such node), for a request that needs
-        no key: :meth:`lookup` without building one."""
-        return self._latest(path)
 
     def record_perms(self, rec: Record) -> Perms:
         return self._perm_lists[_REC.unpack_from(rec, len(rec) - _REC_SIZE)[2]]
@@ -488,6 +484,10 @@ class Store:
             if len(rec) > n + 1 and rec[n] == 0 and rec.startswith(name):
                 return rec
         return None
+
+    # The current record of a live node (None: no such node), for a request that needs no key:
+    # :meth:`lookup` without building one (the same function: READ must not pay a call more).
+    latest_record = _latest
 
     def _charge(self, path: str, rec: Record, sign: int) -> None:
         """Add (+1) or remove (-1) a committed record from its owner's node count and bytes."""
