@@ -211,10 +211,10 @@ class Connection:
     def has_output(self) -> bool:
         return bool(self._out)
 
-    def bypassable(self) -> bool:
-        """Whether a reply may leave without the output queue (ops.answer): nothing queued or
-        half-received to keep order with, and no tracer or output journal to see it."""
-        return not self._out and self.tracer is None and self.on_output is None and not self.parser.pending
+    def answerable(self) -> bool:
+        """Whether a complete request may be answered without the parser (ops.answer): nothing
+        half-received to come first, and no tracer to see the request and its reply."""
+        return self.tracer is None and not self.parser.pending
 
     def peek_output(self, limit: int | None = None) -> bytes:
         """Pending output bytes (up to ``limit``) without removing them."""

@@ -769,22 +769,22 @@ def handle(core: Core, conn: Connection, data: bytes) -> None:
 
 
 def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:
-    """The framed reply to ``data`` when it is exactly one request outside a transaction that its
-    in-place handler (``IN_PLACE``) answers, for the edge to send at once; None when nothing was
-    done and the edge must take the general way (:func:`handle`).
+    """Run ``data`` when it is exactly one request outside a transaction that its in-place
+    handler (``IN_PLACE``) answers: its framed reply, for the edge to send or queue; ``b""``
+    when the reply was queued here because output is already waiting on the connection (replies
+    and events leave in order); None when nothing was done and the edge must take the general
+    way (:func:`handle`).
 
     What libxl, xenbus and every ``xenstore-*`` tool send is one READ or WRITE and a wait: this
     answers it without the parser's buffer, the output queue and :func:`dispatch`'s general
     checks, which together cost a sequential request about a third of our own work.  The
     request's effect and its metrics are :func:`dispatch`'s (the same in-place handlers; the
-    same histogram and error counts).  Taken only when nothing is queued or half-received on the
-    connection and no tracer or output journal watches it, so replies keep their order; a
-    request whose watch events reach this same connection has its reply queued behind them, and
-    ``b""`` says so (the edge sends its queue)."""
+    same histogram and error counts).  Not taken with part of a message already received (it
+    comes first) or a tracer installed (it sees requests as the parser frames them)."""
     if len(data) < HEADER_SIZE:
         return None
     type_, req_id, tx_id, length = HEADER.unpack_from(data)
-    if tx_id or length + HEADER_SIZE != len(data) or not conn.bypassable():
+    if tx_id or length + HEADER_SIZE != len(data) or not conn.answerable():
         return None
     in_place = IN_PLACE.get(type_)
     if in_place is None:
@@ -817,7 +817,7 @@ def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:
         h[BUCKET_TABLE[ns >> TABLE_SHIFT]] += 1
     except IndexError:  # 4 ms or more
         h[bucket_of(ns)] += 1
-    if conn.has_output():  # its own watch events: the reply goes behind them
+    if conn.has_output():  # earlier output, or this request's own watch events: it goes behind
         if error is None:
             conn.reply(msg, payload)
         else:

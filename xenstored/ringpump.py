@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .connection import Connection
 from .core import Domain
 from .domains import RECONNECT, DomainManager
-from .ops import dispatch
+from .ops import answer, dispatch
 from .ring import RING_SIZE, Ring, RingError
 from .wire import HEADER, HEADER_SIZE, PAYLOAD_MAX, ProtocolError
 
@@ -147,15 +147,21 @@ class RingPump:
                             if length <= PAYLOAD_MAX:
                                 need += length
                     data = avail if len(avail) <= need else avail[:need]
-                    try:
-                        msgs = conn.feed(data)
-                    except ProtocolError:
-                        ring.advance(len(data))  # consumed, as C does, before the error is set
-                        raise
-                    for msg in msgs:
-                        if dom.ignored or conn.closed:
-                            return
-                        dispatch(core, conn, msg)
+                    # One whole request that needs no parser (a READ or WRITE, mostly): its
+                    # reply is queued, so journaled as every ring output is (on_output).
+                    reply = answer(core, conn, data)
+                    if reply is None:
+                        try:
+                            msgs = conn.feed(data)
+                        except ProtocolError:
+                            ring.advance(len(data))  # consumed, as C does, before the error is set
+                            raise
+                        for msg in msgs:
+                            if dom.ignored or conn.closed:
+                                return
+                            dispatch(core, conn, msg)
+                    elif reply:
+                        conn.queue_raw(reply)
                     if dom.ignored or conn.closed:
                         return
                     # Consumed only now: the request's effect, its reply and the new input
