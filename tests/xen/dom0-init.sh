@@ -22,6 +22,11 @@ ln -s /proc/self/fd /dev/fd; ln -s /proc/self/fd/0 /dev/stdin
 ln -s /proc/self/fd/1 /dev/stdout; ln -s /proc/self/fd/2 /dev/stderr
 
 now() { read -r up _ < /proc/uptime; echo "$up"; }
+alive() {  # alive <pid>: running (a zombie is not: /init reaps its orphans lazily); builtins only
+    st=""
+    [ -r /proc/$1/stat ] && read -r _ _ st _ < /proc/$1/stat
+    [ -n "$st" ] && [ "$st" != Z ]
+}
 mark() { echo "XSVM $* t=$(now)"; }
 FAILED=""
 
@@ -33,6 +38,7 @@ dump() {  # dump <label> <file>: a bounded excerpt, framed so the host can find 
 }
 
 finish() {
+    : > /run/xsvm-finished  # the daemon's watch stops (it may be the one calling this)
     mark "PLATFORM dom0-segfaults=$(dmesg | grep -c segfault)"
     if [ -n "$FAILED" ]; then
         mark "VERDICT FAIL $FAILED"
@@ -82,8 +88,11 @@ mkdir -p /run/xsvm-tmp
 ok share ""
 : > /etc/xen/xl.conf
 
+# HP_EXEC=exec host_python ... &: the background job *is* the interpreter (for the daemon, whose
+# pid is what kill -9 and the watch below need); without exec, busybox runs the command as a
+# child of the job's subshell, and $! names that subshell.
 host_python() {  # the host's interpreter and this checkout, chrooted into the read-only share
-    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
+    $HP_EXEC chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
         PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
 }
 if [ -n "$XSVM_PROBE" ]; then  # --probe FILE: a diagnostic script, run before the daemon starts
@@ -107,11 +116,45 @@ EARLY=$!
 sleep 0.2
 t0=$(now)
 if [ "$XSVM_DAEMON" = ours ]; then
-    host_python -m xenstored -N -V -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
+    HP_EXEC=exec host_python -m xenstored -N -V -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 else
     xenstored -N -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 fi
 XSD_PID=$!
+echo $XSD_PID > /run/xsd.pid
+
+# The daemon, watched from the side.  Should it die, every xenstore-* call after that falls back
+# to dom0's kernel ring, which nobody serves any more, and blocks for ever: the script would hang
+# without a word until the host's timeout (seen once: the guest's round trip failed, then a read
+# hung; Xen's event-channel dump showed none of the daemon's bindings left).  This loop says at
+# once that it died and how (its log's last lines, the kernel's word on it), and ends the run if
+# the script does not reach its verdict within 90 s.  Builtins only while the daemon lives.
+daemon_watch() {
+    mkfifo /run/xsd-watch.fifo && exec 8<> /run/xsd-watch.fifo  # read -t on it: a sleep
+    while :; do
+        read -t 1 _ <&8
+        [ -e /run/xsvm-finished ] && return
+        read -r p < /run/xsd.pid
+        case "$p" in '' | *[!0-9]*) continue ;; esac  # being restarted (crash-restart stages)
+        alive $p && continue
+        read -r q < /run/xsd.pid
+        [ "$q" = "$p" ] || continue  # restarted meanwhile
+        mark "DAEMON-DIED pid $p (state '${st:-reaped}'); its log's last lines and the kernel's lines about it follow"
+        {
+            tail -n 30 /run/xenstored.log
+            echo "== dmesg"; dmesg | grep -iE "\[$p\]|segfault|general protection|traps:|oom" | tail -n 10
+            echo "== trace"; tail -n 15 /run/xenstored-trace.log
+        } > /tmp/daemon-died 2>&1
+        dump daemon-died /tmp/daemon-died 70
+        i=0
+        while [ $i -lt 90 ]; do
+            read -t 1 _ <&8; [ -e /run/xsvm-finished ] && return; i=$((i + 1))
+        done
+        FAILED="xenstored-alive: the daemon (pid $p) died and the script hung on XenStore since"
+        finish
+    done
+}
+daemon_watch &
 # Ready means answering on the socket, not the socket file existing: our daemon binds the path
 # first (so a second daemon stops before touching the hypervisor) but listen()s only once it
 # serves, and a connect() in between is refused.  XENSTORED_PATH pins both of libxenstore's
@@ -187,7 +230,18 @@ n=$(XENSTORED_PATH=/dev/xen/xenbus timeout 10 xenstore-read /local/domain/0/name
 if [ "$n" = Domain-0 ]; then ok dom0-xenbus "kernel ring read name=$n"; else fail dom0-xenbus "$n"; fi
 
 # xenconsoled logs every guest's console to /var/log/xen/guest-<name>.log (dumped on failure).
-xenconsoled --log=guest --log-dir=/var/log/xen > /tmp/xenconsoled.log 2>&1 &
+xenconsoled --log=guest --log-dir=/var/log/xen --pid-file=/run/xenconsoled.pid > /tmp/xenconsoled.log 2>&1 &
+# A socket client does not survive the daemon's death: its connection, and the watches on it, end
+# with the process (only rings are recovered from the journal).  xenconsoled does not reconnect,
+# so after a crash-restart it would still log the consoles it has but never see a new domain's
+# (xl create/restore then time out waiting for the console tty); it is restarted, as its service
+# manager would have to.  The new one picks up the running guests' consoles.
+restart_xenconsoled() {
+    p=$(cat /run/xenconsoled.pid 2>/dev/null)  # it daemonizes: $! is not its pid
+    [ -n "$p" ] && kill $p 2>/dev/null
+    i=0; while [ -n "$p" ] && alive $p && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    xenconsoled --log=guest --log-dir=/var/log/xen --pid-file=/run/xenconsoled.pid >> /tmp/xenconsoled.log 2>&1 &
+}
 sleep 0.5
 
 # wait_for <file> <pattern> <seconds>: poll a watch log for a line
@@ -247,6 +301,7 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
 crash_restart() {  # kill -9 the daemon under a running guest; the same command brings it back
     ta=$(now)
     restart_daemon; n=$(timeout 5 xenstore-read /local/domain/0/name 2>&1)
+    restart_xenconsoled
     kill $W 2>/dev/null  # dom0's watcher lost its socket connection with the daemon
     tb=$(now)
     kill -0 $XSD_PID 2>/dev/null || { fail crash-restart "the restarted daemon died"; finish; }
@@ -265,9 +320,11 @@ crash_restart() {  # kill -9 the daemon under a running guest; the same command 
 }
 
 restart_daemon() {  # kill -9 the daemon, run the same command again, wait until it answers
+    echo restarting > /run/xsd.pid  # not a death for daemon_watch
     kill -9 $XSD_PID 2>/dev/null; wait $XSD_PID 2>/dev/null
-    host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
+    HP_EXEC=exec host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
     XSD_PID=$!
+    echo $XSD_PID > /run/xsd.pid
     i=0; n=""
     while [ $i -lt 600 ]; do
         kill -0 $XSD_PID 2>/dev/null || return 1
@@ -285,6 +342,7 @@ stage_crash_devices() {  # the device run's crash-restart: disk and vif connecte
     ta=$(now)
     restart_daemon || { dfail crash-restart "the restarted daemon did not answer"; GUEST_LOST=1; return; }
     tr=$(since $ta)
+    restart_xenconsoled
     gcmd 60 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/xvda'; rc=$?  # the guest's xenbus, then blkfront
     sum=${GOUT%% *}
     guest_ping; prc=$?

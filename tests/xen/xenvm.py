@@ -532,6 +532,8 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
     for ln in res.lines:  # XS_XENVM_PYTIME=1: python3's own start-up in dom0
         if ln.text.startswith("XSVM PYTIME "):
             print(f"xenvm: python3 in dom0: {ln.text[len('XSVM PYTIME '):]}")
+        elif ln.text.startswith("XSVM DAEMON-DIED "):  # dom0's watch on the daemon's process
+            print(f"xenvm: daemon died at t={ln.t:6.1f}s: {ln.text[len('XSVM DAEMON-DIED '):]}")
     prev = 0.0
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
@@ -582,6 +584,10 @@ PLATFORM_RE = re.compile(
 
 
 def platform_crashes(res: Result) -> list[str]:
+    """The crashes outside the daemon in this boot; none if the daemon itself died: its own
+    segfault counts among dom0's but may be its own doing (it calls C through ctypes)."""
+    if any(ln.text.startswith("XSVM DAEMON-DIED ") for ln in res.lines):
+        return []
     return [ln.text for ln in res.lines if not ln.text.startswith("(XEN)") and PLATFORM_RE.search(ln.text)]
 
 
