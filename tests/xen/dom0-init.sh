@@ -49,6 +49,9 @@ finish() {
         dump xenstored-trace-data-exchange /tmp/trace-data 60
         for f in /var/log/xen/*.log; do dump "${f##*/}" "$f" 40; done
         dmesg | tail -n 30 > /tmp/dmesg.tail; dump dom0-dmesg /tmp/dmesg.tail
+        dump guest-commands /tmp/gcmd.log 20
+        # Last, so that a log cut to its end keeps it: why a guest stopped answering.
+        dump guest-lost $GUEST_DIAG 250
     else
         mark "VERDICT PASS"
         [ -n "$XSVM_VERBOSE" ] && dump xenstored /run/xenstored.log 200
@@ -380,20 +383,83 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
     timeout $1 xenstore-watch -n 2 $dp/data/cmd-reply > /tmp/gcmd.w 2>&1 &
     GW=$!
     wait_for /tmp/gcmd.w cmd-reply 10
+    gt=$(now)
     # xenstore-read escapes a newline as \n: the guest gets the command on one line
     xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
         { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
-    i=0
+    i=0; how=watch
     while [ $i -lt $(($1 * 2)) ]; do
         wait $GW 2>/dev/null  # returns when the reply changed, at the timeout, or at once later
+        ws=$?
+        [ $i = 0 ] && [ $ws != 0 ] && how="polling after the watch ended with status $ws"
         r=$(xenstore-read $dp/data/cmd-reply 2>/dev/null)
         case "$r" in "$SEQ:"*)
+            # How long each command took and how its reply was seen: a reply that only polling
+            # found means a watch event (the guest's write to dom0's watcher) came late or never.
+            echo "cmd $SEQ (dom$D): reply after $(since $gt)s, seen by $how" >> /tmp/gcmd.log
             r=${r#*:}; GOUT=${r#*:}; return "${r%%:*}" ;;
         esac
         sleep 0.5; i=$((i + 1))
     done
+    echo "cmd $SEQ (dom$D): no reply after $(since $gt)s" >> /tmp/gcmd.log
     GOUT="no reply from the guest within $1 s"; GUEST_LOST=1
+    guest_lost_diag "$SEQ"
     return 124
+}
+
+# guest_lost_diag <seq>: a guest left a command unanswered.  Record, from every side at once,
+# where the exchange stopped, so that the log alone tells "the daemon left a request unanswered
+# or an event unsent" from "the guest hung elsewhere" (README, Reliability): dumped at the end.
+#  * the guest's xenstore ring as the shared page holds it (ringdump.py, read-only, two looks a
+#    second apart): a request it does not consume is the daemon's; replies/events the guest does
+#    not read are the guest's (or a notification lost in Xen);
+#  * the daemon's view of the domain (xenstore-control stats: queued output and events, requests
+#    so far), its warnings (a domain it ignores, events it dropped), and the trace of the guest's
+#    ring connection: what it received from and queued for the guest, and when;
+#  * Xen's event channels of the guest (pending/masked bits) and of dom0 towards it;
+#  * the guest's kernel: its blocked tasks (sysrq w), asked for through its console, which does
+#    not go through XenStore (a guest whose xenwatch thread is stuck ignores control/sysrq).
+GUEST_DIAG=/tmp/guest-lost.diag
+guest_lost_diag() {
+    [ -s $GUEST_DIAG ] && return  # the first loss says the most
+    {
+        echo "== dom$D left command $1 unanswered: data/cmd = '$(timeout 5 xenstore-read $dp/data/cmd 2>&1 | head -c 60)', data/cmd-reply = '$(timeout 5 xenstore-read $dp/data/cmd-reply 2>&1 | head -c 60)'"
+        echo "== commands so far (dom0's side)"; tail -n 6 /tmp/gcmd.log
+        echo "== the guest's xenstore ring (shared page)"
+        host_python "$XSVM_RINGDUMP" "$D" 2 > /tmp/ringdump.out 2>&1 &  # (timeout cannot run a function)
+        rp=$!; i=0
+        while kill -0 $rp 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        kill $rp 2>/dev/null && echo "(ringdump.py still running after 30 s: killed)"
+        cat /tmp/ringdump.out
+        echo "== the daemon's view (xenstore-control stats $D)"; timeout 10 xenstore-control stats "$D" 2>&1
+        echo "== the daemon's warnings"; grep -E ' (WARNING|ERROR|CRITICAL) ' /run/xenstored.log | tail -n 15
+        # The guest's ring connection in the trace: the only one with a relative data/cmd watch
+        # (registered, or restored by a restarted daemon and then fired), in the running daemon
+        # process: connection numbers start again in each, whose trace begins with a *** line.
+        start=$(grep -n '^\*\*\*$' /run/xenstored-trace.log | tail -n 1 | cut -d: -f1)
+        tail -n +"${start:-1}" /run/xenstored-trace.log > /tmp/trace-now 2>/dev/null
+        id=$(grep -E ' (WATCH|WATCH_EVENT) \(data/cmd ' /tmp/trace-now | tail -n 1 | awk '{print $2}')
+        echo "== trace of the guest's ring connection ${id:-?} (last 40 lines)"
+        [ -n "$id" ] && grep "^[A-Z]* $id " /tmp/trace-now | tail -n 40
+        echo "== trace: dom0's last writes of data/cmd"
+        grep " WRITE ($dp/data/cmd " /tmp/trace-now | tail -n 3 | cut -c1-120
+        echo "== Xen's event channels of dom$D, and dom0's towards it (p/m/s: pending/masked/selected)"
+        xl debug-keys e; sleep 1
+        xl dmesg 2>&1 | awk -v d="$D" '
+            /Event channel information for domain/ { cur = $NF; sub(":", "", cur); hdr = $0; if (cur == d "") print; next }
+            cur == d "" { print; next }
+            cur == "0" && $0 ~ (" d=" d " ") { if (hdr) { print hdr; hdr = "" } print }' | tail -n 40
+        echo "== the guest's blocked tasks (sysrq w through its console)"
+        tty=$(timeout 5 xenstore-read $dp/console/tty 2>/dev/null)
+        if [ -c "$tty" ]; then
+            printf '\0179' > "$tty"; sleep 1; printf '\017w' > "$tty"; sleep 4
+            echo "(sent to $tty; the guest's console below)"
+        else
+            echo "(no console tty for dom$D: '$tty')"
+        fi
+        for f in /var/log/xen/guest-*.log; do echo "-- ${f##*/}"; tail -n 60 "$f"; done
+    } > $GUEST_DIAG 2>&1
+    mark "GUEST-LOST dom$D command $1 unanswered; diagnosis dumped at the end (guest-lost)"
 }
 
 dev_diag() {  # dev_diag <stage>: what a failing device stage needs, printed right away
@@ -596,13 +662,13 @@ stage_restore() {
     grc=$?; gout=$GOUT
     v1=$(echo "$gout" | awk '{print $1}'); v2=$(echo "$gout" | awk '{print $2}')
     vbd=$(be_state vbd $VBD_A)/$(fe_state vbd $VBD_A)
-    pingok=1
-    if has_stage vif-ping; then guest_ping && dom0_ping && pingok=0; else pingok=0; fi
+    pingok=1; pgout=""
+    if has_stage vif-ping; then guest_ping && dom0_ping && pingok=0; pgout=$GOUT; else pingok=0; fi
     if [ $grc = 0 ] && [ "$v1" = "$KEEP" ] && [ "$v2" = "$KEEP" ] && [ "$vbd" = 4/4 ] && [ $pingok = 0 ] \
         && echo "$gout" | grep -q "domid=$D " && [ "$D" != "$old" ]; then
         ok restore "xl restore ${tx}s: domid $old -> $D, shell variable and tmpfs file kept, guest's xenstore tools work, xvda $vbd$(has_stage vif-ping && echo ', ping both ways'), $(since $ta)s in all"
     else
-        dfail restore "xl restore exit $rc in ${tx}s, domid $old -> $D; guest exit $grc: $gout (want $KEEP $KEEP domid=$D); vbd states $vbd; ping=$pingok"
+        dfail restore "xl restore exit $rc in ${tx}s, domid $old -> $D; guest exit $grc: $gout (want $KEEP $KEEP domid=$D); vbd states $vbd; ping=$pingok (guest: $(echo "$pgout" | head -c 120))"
     fi
 }
 
