@@ -382,7 +382,7 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
     # It fires once when registered and once per change: the reply is the second event or later.
     timeout $1 xenstore-watch -n 2 $dp/data/cmd-reply > /tmp/gcmd.w 2>&1 &
     GW=$!
-    wait_for /tmp/gcmd.w cmd-reply 10
+    wait_for /tmp/gcmd.w cmd-reply 10 || echo "cmd $((SEQ)) (dom$D): dom0's cmd-reply watch not registered within 10 s" >> /tmp/gcmd.log
     gt=$(now)
     # xenstore-read escapes a newline as \n: the guest gets the command on one line
     xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
@@ -396,7 +396,7 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
         case "$r" in "$SEQ:"*)
             # How long each command took and how its reply was seen: a reply that only polling
             # found means a watch event (the guest's write to dom0's watcher) came late or never.
-            echo "cmd $SEQ (dom$D): reply after $(since $gt)s, seen by $how" >> /tmp/gcmd.log
+            echo "cmd $SEQ (dom$D): reply after $(since $gt)s (dom0 t=$(now)), seen by $how" >> /tmp/gcmd.log
             r=${r#*:}; GOUT=${r#*:}; return "${r%%:*}" ;;
         esac
         sleep 0.5; i=$((i + 1))

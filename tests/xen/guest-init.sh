@@ -133,7 +133,8 @@ while true; do
             fi
             out=$(tr '\n' ' ' < /tmp/cmd.out | head -c 1500)
             xenstore-write data/cmd-reply "$seq:$rc:$out"
-            echo "guest: cmd $seq exit $rc: $out"
+            read -r up _ < /proc/uptime
+            echo "guest: [$up] cmd $seq exit $rc: $out"
         fi
         ;;
     *to-guest*)
