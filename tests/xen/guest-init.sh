@@ -71,6 +71,8 @@ WC=$!
 died() {  # died <status> <path>
     if [ "$1" -gt 128 ]; then
         echo "guest: xenstore-watch $2 killed by signal $(($1 - 128)), restarted" > /dev/console
+    elif [ "$1" = 127 ]; then  # wait's "no such child": the shell had reaped it in passing
+        echo "guest: xenstore-watch $2 ended, its status lost (reaped earlier), restarted" > /dev/console
     else
         echo "guest: xenstore-watch $2 exited with status $1, restarted" > /dev/console
     fi
@@ -90,7 +92,11 @@ check_watchers() {
 }
 initial=""
 while read -t 10 -r ev <&3; do  # each watch fires once when registered
-    case "$ev" in *to-guest*) initial="$initial t" ;; *data/cmd*) initial="$initial c" ;; esac
+    case "$ev" in
+    *to-guest*) initial="$initial t" ;;
+    *data/cmd*) initial="$initial c" ;;
+    *) echo "guest: a watcher said: $ev" ;;  # its error message (stderr shares the FIFO)
+    esac
     case "$initial" in *t*c* | *c*t*) break ;; esac
 done
 case "$initial" in *t*) ;; *) errors="$errors no-initial-watch-event" ;; esac
@@ -149,5 +155,6 @@ while true; do
         xenstore-write data/from-guest "pong:$token"
         echo "guest: answered pong:$token (exit $?)"
         ;;
+    *) echo "guest: a watcher said: $ev" ;;
     esac
 done
