@@ -426,7 +426,8 @@ guest_lost_diag() {
         echo "== dom$D left command $1 unanswered: data/cmd = '$(timeout 5 xenstore-read $dp/data/cmd 2>&1 | head -c 60)', data/cmd-reply = '$(timeout 5 xenstore-read $dp/data/cmd-reply 2>&1 | head -c 60)'"
         echo "== commands so far (dom0's side)"; tail -n 6 /tmp/gcmd.log
         echo "== the guest's xenstore ring (shared page)"
-        host_python "$XSVM_RINGDUMP" "$D" 2 > /tmp/ringdump.out 2>&1 &  # (timeout cannot run a function)
+        # (timeout cannot run a function; exec, so that the kill below reaches the interpreter)
+        HP_EXEC=exec host_python "$XSVM_RINGDUMP" "$D" 2 > /tmp/ringdump.out 2>&1 &
         rp=$!; i=0
         while kill -0 $rp 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
         kill $rp 2>/dev/null && echo "(ringdump.py still running after 30 s: killed)"
