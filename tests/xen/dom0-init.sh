@@ -22,6 +22,11 @@ ln -s /proc/self/fd /dev/fd; ln -s /proc/self/fd/0 /dev/stdin
 ln -s /proc/self/fd/1 /dev/stdout; ln -s /proc/self/fd/2 /dev/stderr
 
 now() { read -r up _ < /proc/uptime; echo "$up"; }
+alive() {  # alive <pid>: running (a zombie is not: /init reaps its orphans lazily); builtins only
+    st=""
+    [ -r /proc/$1/stat ] && read -r _ _ st _ < /proc/$1/stat
+    [ -n "$st" ] && [ "$st" != Z ]
+}
 mark() { echo "XSVM $* t=$(now)"; }
 FAILED=""
 
@@ -33,6 +38,7 @@ dump() {  # dump <label> <file>: a bounded excerpt, framed so the host can find 
 }
 
 finish() {
+    : > /run/xsvm-finished  # the daemon's watch stops (it may be the one calling this)
     mark "PLATFORM dom0-segfaults=$(dmesg | grep -c segfault)"
     if [ -n "$FAILED" ]; then
         mark "VERDICT FAIL $FAILED"
@@ -43,6 +49,9 @@ finish() {
         dump xenstored-trace-data-exchange /tmp/trace-data 60
         for f in /var/log/xen/*.log; do dump "${f##*/}" "$f" 40; done
         dmesg | tail -n 30 > /tmp/dmesg.tail; dump dom0-dmesg /tmp/dmesg.tail
+        dump guest-commands /tmp/gcmd.log 20
+        # Last, so that a log cut to its end keeps it: why a guest stopped answering.
+        dump guest-lost $GUEST_DIAG 250
     else
         mark "VERDICT PASS"
         [ -n "$XSVM_VERBOSE" ] && dump xenstored /run/xenstored.log 200
@@ -82,8 +91,11 @@ mkdir -p /run/xsvm-tmp
 ok share ""
 : > /etc/xen/xl.conf
 
+# HP_EXEC=exec host_python ... &: the background job *is* the interpreter (for the daemon, whose
+# pid is what kill -9 and the watch below need); without exec, busybox runs the command as a
+# child of the job's subshell, and $! names that subshell.
 host_python() {  # the host's interpreter and this checkout, chrooted into the read-only share
-    chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
+    $HP_EXEC chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
         PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
 }
 if [ -n "$XSVM_PROBE" ]; then  # --probe FILE: a diagnostic script, run before the daemon starts
@@ -107,11 +119,45 @@ EARLY=$!
 sleep 0.2
 t0=$(now)
 if [ "$XSVM_DAEMON" = ours ]; then
-    host_python -m xenstored -N -V -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
+    HP_EXEC=exec host_python -m xenstored -N -V -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 else
     xenstored -N -T /run/xenstored-trace.log > /run/xenstored.log 2>&1 &
 fi
 XSD_PID=$!
+echo $XSD_PID > /run/xsd.pid
+
+# The daemon, watched from the side.  Should it die, every xenstore-* call after that falls back
+# to dom0's kernel ring, which nobody serves any more, and blocks for ever: the script would hang
+# without a word until the host's timeout (seen once: the guest's round trip failed, then a read
+# hung; Xen's event-channel dump showed none of the daemon's bindings left).  This loop says at
+# once that it died and how (its log's last lines, the kernel's word on it), and ends the run if
+# the script does not reach its verdict within 90 s.  Builtins only while the daemon lives.
+daemon_watch() {
+    mkfifo /run/xsd-watch.fifo && exec 8<> /run/xsd-watch.fifo  # read -t on it: a sleep
+    while :; do
+        read -t 1 _ <&8
+        [ -e /run/xsvm-finished ] && return
+        read -r p < /run/xsd.pid
+        case "$p" in '' | *[!0-9]*) continue ;; esac  # being restarted (crash-restart stages)
+        alive $p && continue
+        read -r q < /run/xsd.pid
+        [ "$q" = "$p" ] || continue  # restarted meanwhile
+        mark "DAEMON-DIED pid $p (state '${st:-reaped}'); its log's last lines and the kernel's lines about it follow"
+        {
+            tail -n 30 /run/xenstored.log
+            echo "== dmesg"; dmesg | grep -iE "\[$p\]|segfault|general protection|traps:|oom" | tail -n 10
+            echo "== trace"; tail -n 15 /run/xenstored-trace.log
+        } > /tmp/daemon-died 2>&1
+        dump daemon-died /tmp/daemon-died 70
+        i=0
+        while [ $i -lt 90 ]; do
+            read -t 1 _ <&8; [ -e /run/xsvm-finished ] && return; i=$((i + 1))
+        done
+        FAILED="xenstored-alive: the daemon (pid $p) died and the script hung on XenStore since"
+        finish
+    done
+}
+daemon_watch &
 # Ready means answering on the socket, not the socket file existing: our daemon binds the path
 # first (so a second daemon stops before touching the hypervisor) but listen()s only once it
 # serves, and a connect() in between is refused.  XENSTORED_PATH pins both of libxenstore's
@@ -187,7 +233,18 @@ n=$(XENSTORED_PATH=/dev/xen/xenbus timeout 10 xenstore-read /local/domain/0/name
 if [ "$n" = Domain-0 ]; then ok dom0-xenbus "kernel ring read name=$n"; else fail dom0-xenbus "$n"; fi
 
 # xenconsoled logs every guest's console to /var/log/xen/guest-<name>.log (dumped on failure).
-xenconsoled --log=guest --log-dir=/var/log/xen > /tmp/xenconsoled.log 2>&1 &
+xenconsoled --log=guest --log-dir=/var/log/xen --pid-file=/run/xenconsoled.pid > /tmp/xenconsoled.log 2>&1 &
+# A socket client does not survive the daemon's death: its connection, and the watches on it, end
+# with the process (only rings are recovered from the journal).  xenconsoled does not reconnect,
+# so after a crash-restart it would still log the consoles it has but never see a new domain's
+# (xl create/restore then time out waiting for the console tty); it is restarted, as its service
+# manager would have to.  The new one picks up the running guests' consoles.
+restart_xenconsoled() {
+    p=$(cat /run/xenconsoled.pid 2>/dev/null)  # it daemonizes: $! is not its pid
+    [ -n "$p" ] && kill $p 2>/dev/null
+    i=0; while [ -n "$p" ] && alive $p && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    xenconsoled --log=guest --log-dir=/var/log/xen --pid-file=/run/xenconsoled.pid >> /tmp/xenconsoled.log 2>&1 &
+}
 sleep 0.5
 
 # wait_for <file> <pattern> <seconds>: poll a watch log for a line
@@ -247,6 +304,7 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
 crash_restart() {  # kill -9 the daemon under a running guest; the same command brings it back
     ta=$(now)
     restart_daemon; n=$(timeout 5 xenstore-read /local/domain/0/name 2>&1)
+    restart_xenconsoled
     kill $W 2>/dev/null  # dom0's watcher lost its socket connection with the daemon
     tb=$(now)
     kill -0 $XSD_PID 2>/dev/null || { fail crash-restart "the restarted daemon died"; finish; }
@@ -265,9 +323,11 @@ crash_restart() {  # kill -9 the daemon under a running guest; the same command 
 }
 
 restart_daemon() {  # kill -9 the daemon, run the same command again, wait until it answers
+    echo restarting > /run/xsd.pid  # not a death for daemon_watch
     kill -9 $XSD_PID 2>/dev/null; wait $XSD_PID 2>/dev/null
-    host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
+    HP_EXEC=exec host_python -m xenstored -N -V -T /run/xenstored-trace.log >> /run/xenstored.log 2>&1 &
     XSD_PID=$!
+    echo $XSD_PID > /run/xsd.pid
     i=0; n=""
     while [ $i -lt 600 ]; do
         kill -0 $XSD_PID 2>/dev/null || return 1
@@ -285,6 +345,7 @@ stage_crash_devices() {  # the device run's crash-restart: disk and vif connecte
     ta=$(now)
     restart_daemon || { dfail crash-restart "the restarted daemon did not answer"; GUEST_LOST=1; return; }
     tr=$(since $ta)
+    restart_xenconsoled
     gcmd 60 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/xvda'; rc=$?  # the guest's xenbus, then blkfront
     sum=${GOUT%% *}
     guest_ping; prc=$?
@@ -321,21 +382,85 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
     # It fires once when registered and once per change: the reply is the second event or later.
     timeout $1 xenstore-watch -n 2 $dp/data/cmd-reply > /tmp/gcmd.w 2>&1 &
     GW=$!
-    wait_for /tmp/gcmd.w cmd-reply 10
+    wait_for /tmp/gcmd.w cmd-reply 10 || echo "cmd $((SEQ)) (dom$D): dom0's cmd-reply watch not registered within 10 s" >> /tmp/gcmd.log
+    gt=$(now)
     # xenstore-read escapes a newline as \n: the guest gets the command on one line
     xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
         { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
-    i=0
+    i=0; how=watch
     while [ $i -lt $(($1 * 2)) ]; do
         wait $GW 2>/dev/null  # returns when the reply changed, at the timeout, or at once later
+        ws=$?
+        [ $i = 0 ] && [ $ws != 0 ] && how="polling after the watch ended with status $ws"
         r=$(xenstore-read $dp/data/cmd-reply 2>/dev/null)
         case "$r" in "$SEQ:"*)
+            # How long each command took and how its reply was seen: a reply that only polling
+            # found means a watch event (the guest's write to dom0's watcher) came late or never.
+            echo "cmd $SEQ (dom$D): reply after $(since $gt)s (dom0 t=$(now)), seen by $how" >> /tmp/gcmd.log
             r=${r#*:}; GOUT=${r#*:}; return "${r%%:*}" ;;
         esac
         sleep 0.5; i=$((i + 1))
     done
+    echo "cmd $SEQ (dom$D): no reply after $(since $gt)s" >> /tmp/gcmd.log
     GOUT="no reply from the guest within $1 s"; GUEST_LOST=1
+    guest_lost_diag "$SEQ"
     return 124
+}
+
+# guest_lost_diag <seq>: a guest left a command unanswered.  Record, from every side at once,
+# where the exchange stopped, so that the log alone tells "the daemon left a request unanswered
+# or an event unsent" from "the guest hung elsewhere" (README, Reliability): dumped at the end.
+#  * the guest's xenstore ring as the shared page holds it (ringdump.py, read-only, two looks a
+#    second apart): a request it does not consume is the daemon's; replies/events the guest does
+#    not read are the guest's (or a notification lost in Xen);
+#  * the daemon's view of the domain (xenstore-control stats: queued output and events, requests
+#    so far), its warnings (a domain it ignores, events it dropped), and the trace of the guest's
+#    ring connection: what it received from and queued for the guest, and when;
+#  * Xen's event channels of the guest (pending/masked bits) and of dom0 towards it;
+#  * the guest's kernel: its blocked tasks (sysrq w), asked for through its console, which does
+#    not go through XenStore (a guest whose xenwatch thread is stuck ignores control/sysrq).
+GUEST_DIAG=/tmp/guest-lost.diag
+guest_lost_diag() {
+    [ -s $GUEST_DIAG ] && return  # the first loss says the most
+    {
+        echo "== dom$D left command $1 unanswered: data/cmd = '$(timeout 5 xenstore-read $dp/data/cmd 2>&1 | head -c 60)', data/cmd-reply = '$(timeout 5 xenstore-read $dp/data/cmd-reply 2>&1 | head -c 60)'"
+        echo "== commands so far (dom0's side)"; tail -n 6 /tmp/gcmd.log
+        echo "== the guest's xenstore ring (shared page)"
+        # (timeout cannot run a function; exec, so that the kill below reaches the interpreter)
+        HP_EXEC=exec host_python "$XSVM_RINGDUMP" "$D" 2 > /tmp/ringdump.out 2>&1 &
+        rp=$!; i=0
+        while kill -0 $rp 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        kill $rp 2>/dev/null && echo "(ringdump.py still running after 30 s: killed)"
+        cat /tmp/ringdump.out
+        echo "== the daemon's view (xenstore-control stats $D)"; timeout 10 xenstore-control stats "$D" 2>&1
+        echo "== the daemon's warnings"; grep -E ' (WARNING|ERROR|CRITICAL) ' /run/xenstored.log | tail -n 15
+        # The guest's ring connection in the trace: the only one with a relative data/cmd watch
+        # (registered, or restored by a restarted daemon and then fired), in the running daemon
+        # process: connection numbers start again in each, whose trace begins with a *** line.
+        start=$(grep -n '^\*\*\*$' /run/xenstored-trace.log | tail -n 1 | cut -d: -f1)
+        tail -n +"${start:-1}" /run/xenstored-trace.log > /tmp/trace-now 2>/dev/null
+        id=$(grep -E ' (WATCH|WATCH_EVENT) \(data/cmd ' /tmp/trace-now | tail -n 1 | awk '{print $2}')
+        echo "== trace of the guest's ring connection ${id:-?} (last 40 lines)"
+        [ -n "$id" ] && grep "^[A-Z]* $id " /tmp/trace-now | tail -n 40
+        echo "== trace: dom0's last writes of data/cmd"
+        grep " WRITE ($dp/data/cmd " /tmp/trace-now | tail -n 3 | cut -c1-120
+        echo "== Xen's event channels of dom$D, and dom0's towards it (p/m/s: pending/masked/selected)"
+        xl debug-keys e; sleep 1
+        xl dmesg 2>&1 | awk -v d="$D" '
+            /Event channel information for domain/ { cur = $NF; sub(":", "", cur); hdr = $0; if (cur == d "") print; next }
+            cur == d "" { print; next }
+            cur == "0" && $0 ~ (" d=" d " ") { if (hdr) { print hdr; hdr = "" } print }' | tail -n 40
+        echo "== the guest's blocked tasks (sysrq w through its console)"
+        tty=$(timeout 5 xenstore-read $dp/console/tty 2>/dev/null)
+        if [ -c "$tty" ]; then
+            printf '\0179' > "$tty"; sleep 1; printf '\017w' > "$tty"; sleep 4
+            echo "(sent to $tty; the guest's console below)"
+        else
+            echo "(no console tty for dom$D: '$tty')"
+        fi
+        for f in /var/log/xen/guest-*.log; do echo "-- ${f##*/}"; tail -n 60 "$f"; done
+    } > $GUEST_DIAG 2>&1
+    mark "GUEST-LOST dom$D command $1 unanswered; diagnosis dumped at the end (guest-lost)"
 }
 
 dev_diag() {  # dev_diag <stage>: what a failing device stage needs, printed right away
@@ -538,13 +663,13 @@ stage_restore() {
     grc=$?; gout=$GOUT
     v1=$(echo "$gout" | awk '{print $1}'); v2=$(echo "$gout" | awk '{print $2}')
     vbd=$(be_state vbd $VBD_A)/$(fe_state vbd $VBD_A)
-    pingok=1
-    if has_stage vif-ping; then guest_ping && dom0_ping && pingok=0; else pingok=0; fi
+    pingok=1; pgout=""
+    if has_stage vif-ping; then guest_ping && dom0_ping && pingok=0; pgout=$GOUT; else pingok=0; fi
     if [ $grc = 0 ] && [ "$v1" = "$KEEP" ] && [ "$v2" = "$KEEP" ] && [ "$vbd" = 4/4 ] && [ $pingok = 0 ] \
         && echo "$gout" | grep -q "domid=$D " && [ "$D" != "$old" ]; then
         ok restore "xl restore ${tx}s: domid $old -> $D, shell variable and tmpfs file kept, guest's xenstore tools work, xvda $vbd$(has_stage vif-ping && echo ', ping both ways'), $(since $ta)s in all"
     else
-        dfail restore "xl restore exit $rc in ${tx}s, domid $old -> $D; guest exit $grc: $gout (want $KEEP $KEEP domid=$D); vbd states $vbd; ping=$pingok"
+        dfail restore "xl restore exit $rc in ${tx}s, domid $old -> $D; guest exit $grc: $gout (want $KEEP $KEEP domid=$D); vbd states $vbd; ping=$pingok (guest: $(echo "$pgout" | head -c 120))"
     fi
 }
 

@@ -14,6 +14,9 @@ echo "guest: userspace up, $(ls /dev/xen 2>&1 | tr '\n' ' ')"
 trap 'echo "guest: poweroff requested"; sync; poweroff -f' USR2
 ln -s /bin/busybox /sbin/poweroff  # the kernel's poweroff_cmd (busybox installed itself in /bin)
 trap 'echo "guest: reboot requested"; sync; reboot -f' TERM
+# Every sysrq key, for dom0's diagnosis of a guest that stops answering: it asks for the blocked
+# tasks through this console (^O w), which works even when the kernel's XenStore watches do not.
+echo 1 > /proc/sys/kernel/sysrq
 
 # The device run (xsvm.devices=1 on the kernel command line): frontends, then wait for xvda.
 boot=1
@@ -68,6 +71,8 @@ WC=$!
 died() {  # died <status> <path>
     if [ "$1" -gt 128 ]; then
         echo "guest: xenstore-watch $2 killed by signal $(($1 - 128)), restarted" > /dev/console
+    elif [ "$1" = 127 ]; then  # wait's "no such child": the shell had reaped it in passing
+        echo "guest: xenstore-watch $2 ended, its status lost (reaped earlier), restarted" > /dev/console
     else
         echo "guest: xenstore-watch $2 exited with status $1, restarted" > /dev/console
     fi
@@ -87,7 +92,11 @@ check_watchers() {
 }
 initial=""
 while read -t 10 -r ev <&3; do  # each watch fires once when registered
-    case "$ev" in *to-guest*) initial="$initial t" ;; *data/cmd*) initial="$initial c" ;; esac
+    case "$ev" in
+    *to-guest*) initial="$initial t" ;;
+    *data/cmd*) initial="$initial c" ;;
+    *) echo "guest: a watcher said: $ev" ;;  # its error message (stderr shares the FIFO)
+    esac
     case "$initial" in *t*c* | *c*t*) break ;; esac
 done
 case "$initial" in *t*) ;; *) errors="$errors no-initial-watch-event" ;; esac
@@ -103,12 +112,24 @@ while true; do
     fi
     case "$ev" in
     *data/cmd*)
-        cmd=$(xenstore-read data/cmd 2>/dev/null)
+        # Logged on arrival (guest uptime, a builtin read): a command that never shows up here
+        # never reached this shell; one that does and goes no further hung in the read below.
+        read -r up _ < /proc/uptime
+        echo "guest: [$up] event data/cmd"
+        cmd=$(xenstore-read data/cmd 2> /tmp/read.err); st=$?
+        if [ $st -gt 128 ]; then  # the platform's crash (README): say so, and read again
+            echo "guest: xenstore-read data/cmd killed by signal $((st - 128)), read again"
+            cmd=$(xenstore-read data/cmd 2> /tmp/read.err); st=$?
+        fi
+        # Fails after a restore's re-registered watch fires before dom0 wrote the new domain's
+        # data/cmd: not a loss, but said, since a command that silently vanished looks the same.
+        [ $st != 0 ] && echo "guest: xenstore-read data/cmd exit $st: $(head -c 100 /tmp/read.err)"
         seq=${cmd%%:*}
         # A watch also fires when it is re-registered (after a restore): run each command once.
         if [ -n "$cmd" ] && [ "$seq" != "$lastseq" ]; then
             lastseq=$seq
-            echo "guest: cmd $cmd"
+            read -r up _ < /proc/uptime
+            echo "guest: [$up] cmd $cmd"
             # A syntax error in eval would end this shell (PID 1): check it first.
             if sh -n -c "${cmd#*:}" > /tmp/cmd.out 2>&1; then
                 eval "${cmd#*:}" > /tmp/cmd.out 2>&1
@@ -118,7 +139,8 @@ while true; do
             fi
             out=$(tr '\n' ' ' < /tmp/cmd.out | head -c 1500)
             xenstore-write data/cmd-reply "$seq:$rc:$out"
-            echo "guest: cmd $seq exit $rc: $out"
+            read -r up _ < /proc/uptime
+            echo "guest: [$up] cmd $seq exit $rc: $out"
         fi
         ;;
     *to-guest*)
@@ -133,5 +155,6 @@ while true; do
         xenstore-write data/from-guest "pong:$token"
         echo "guest: answered pong:$token (exit $?)"
         ;;
+    *) echo "guest: a watcher said: $ev" ;;
     esac
 done

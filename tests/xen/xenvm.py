@@ -532,6 +532,10 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
     for ln in res.lines:  # XS_XENVM_PYTIME=1: python3's own start-up in dom0
         if ln.text.startswith("XSVM PYTIME "):
             print(f"xenvm: python3 in dom0: {ln.text[len('XSVM PYTIME '):]}")
+        elif ln.text.startswith("XSVM GUEST-LOST "):  # the device guest stopped answering
+            print(f"xenvm: guest lost at t={ln.t:6.1f}s: {ln.text[len('XSVM GUEST-LOST '):]}")
+        elif ln.text.startswith("XSVM DAEMON-DIED "):  # dom0's watch on the daemon's process
+            print(f"xenvm: daemon died at t={ln.t:6.1f}s: {ln.text[len('XSVM DAEMON-DIED '):]}")
     prev = 0.0
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
@@ -582,6 +586,10 @@ PLATFORM_RE = re.compile(
 
 
 def platform_crashes(res: Result) -> list[str]:
+    """The crashes outside the daemon in this boot; none if the daemon itself died: its own
+    segfault counts among dom0's but may be its own doing (it calls C through ctypes)."""
+    if any(ln.text.startswith("XSVM DAEMON-DIED ") for ln in res.lines):
+        return []
     return [ln.text for ln in res.lines if not ln.text.startswith("(XEN)") and PLATFORM_RE.search(ln.text)]
 
 
@@ -606,7 +614,7 @@ def print_excerpts(res: Result) -> None:
     print("\n".join(plain[-60:]))
     if dumps:
         print("xenvm: ---- logs dumped by dom0 (xenstored, xl, guest consoles, dmesg) ----")
-        print("\n".join(dumps[-400:]))
+        print("\n".join(dumps[-700:]))  # the end holds what matters most (guest-lost)
     print("xenvm: ---- end of excerpts ----", flush=True)
 
 
@@ -632,6 +640,8 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_GUEST_KERNEL": f"/host{root / 'boot' / 'vmlinux-guest'}",
         "XSVM_VERBOSE": "1" if keep else "",
         "XSVM_PROBE": str(Path(probe).resolve()) if probe else "",
+        # Read by dom0 through the host's root, like the daemon: a lost guest's ring (see README).
+        "XSVM_RINGDUMP": str(HERE / "ringdump.py"),
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
         "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
         "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
