@@ -79,6 +79,9 @@ Version = tuple[int, "Record | None"]
 # What lookup() hands the write fast path: the path, and where its entry sits (the directory's
 # list and the index; None for the root), so that overwrite() need not search again.
 Key = tuple[str, "list[Record] | None", int]
+# What Store._find says of a path: its directory, ``name + NUL``, the directory's container,
+# the plain list and index where the entry is or would go, and the entry found there (or None).
+Where = tuple[str, bytes, "list[Record] | SortedList | None", "list[Record]", int, "Record | None"]
 
 NODE_OVERHEAD = 16  # per-node header, as C-4.19+ counts it
 
@@ -257,6 +260,15 @@ class Store:
                 return (path, entries, i), rec
         return None
 
+    def gens(self, path: str) -> tuple[int, int] | None:
+        """``(vgen, cgen)`` of the current node (None: no such node): what commit validation
+        compares, without building a Node."""
+        rec = self._latest(path)
+        if rec is None:
+            return None
+        vgen, cgen, _pid = _REC.unpack_from(rec, len(rec) - _REC_SIZE)
+        return vgen, cgen
+
     def latest_record(self, path: str) -> Record | None:
         """The current record of a live node (None: no such node), for a request that needs
         no key: :meth:`lookup` without building one."""
@@ -407,26 +419,37 @@ class Store:
             del self._dirs[up]
 
     # ----------------------------------------------------------------------------- writing
+    def _find(self, path: str) -> Where:
+        """Where ``path``'s entry is (or would go): its directory, ``name + NUL``, the
+        directory's container, the plain list and index from _slot, and the entry there
+        (a tombstone included; None when absent).  One search, which a commit then installs
+        through (:meth:`_put_found`) instead of searching again."""
+        if path == ROOT:
+            return _NO_PARENT, b"\0", None, _NOWHERE, 0, self._root
+        up, head = _split(path)
+        entries = self._dirs.get(up)
+        if entries is None:
+            return up, head, None, _NOWHERE, 0, None
+        if type(entries) is list:
+            sub, i = entries, bisect_left(entries, head)
+        else:
+            sub, i = _slot(entries, head)
+        if i < len(sub) and sub[i].startswith(head):
+            return up, head, entries, sub, i, sub[i]
+        return up, head, entries, sub, i, None
+
     def _put_record(self, path: str, rec: Record | None, gen: int) -> None:
         """Make ``rec`` (an entry, or None: deleted) the newest version of ``path``, keeping the
         one it replaces while an open snapshot may still read it."""
-        if path == ROOT:
-            if rec is None:
-                raise ValueError("the root cannot be removed")
-            cur: Record | None = self._root
-            entries: list[Record] | SortedList | None = None
-            up, head, sub, i = _NO_PARENT, b"\0", _NOWHERE, 0
-        else:
-            up, head = _split(path)
-            entries = self._dirs.get(up)
-            sub, i = _NOWHERE, 0
-            cur = None
-            if entries is not None:
-                sub, i = _slot(entries, head)
-                if i < len(sub) and sub[i].startswith(head):
-                    cur = sub[i]
+        self._put_found(path, self._find(path), rec, gen)
+
+    def _put_found(self, path: str, where: Where, rec: Record | None, gen: int) -> None:
+        """:meth:`_put_record` at the place :meth:`_find` just found (nothing changed since)."""
+        up, head, entries, sub, i, cur = where
+        if rec is None and up == _NO_PARENT:
+            raise ValueError("the root cannot be removed")
         old = self._old
-        hist = old.get(path)
+        hist = old.get(path) if old else None
         if hist is None:
             # ``cur`` is absent or a live entry with no shadowed version.
             if cur is None or not self._snapshots:
@@ -508,15 +531,26 @@ class Store:
 
         ``writes`` maps each path to its new node (value and perms; generations are assigned
         here) or None for deletion.  Parents whose child list changes get a new ``cgen``.
-        Works on the packed records directly: a commit unpacks nothing it does not need.
+        Works on the packed records directly: a commit unpacks nothing it does not need, and
+        finds each entry once (the search that tells what it replaces also tells where the new
+        one goes).
         """
         gen = self.gen + 1
-        touched_parents: set[str] = set()
+        # Directories whose child list changes, but not those created in this commit (their
+        # cgen is this generation already) nor those it deletes: rewriting their entry again
+        # would be a second search and a second copy per new directory.
+        touched_parents: dict[str, None] = {}
+        fresh: set[str] = set()
         owned, owned_bytes = self.owned, self.owned_bytes
+        perm_lists = self._perm_lists
         nlog = self.log
-        pack = _REC.pack
+        pack, unpack = _REC.pack, _REC.unpack_from
+        find, put = self._find, self._put_found
         for path, new in writes.items():
-            cur = self._latest(path)
+            where = find(path)
+            cur = where[5]
+            if cur is not None and len(cur) == len(where[1]):
+                cur = None  # a tombstone: the node is gone
             if cur is None and new is None:
                 continue
             if nlog is not None:
@@ -524,41 +558,40 @@ class Store:
                     nlog.removed(path)
                 else:
                     nlog.node(path, new.value, new.perms)
-            if cur is not None and new is not None:
-                # An overwrite: commonly the same permission list, so the owner keeps its count
-                # and only the value's size changes.
-                _vgen, cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
-                if self._perm_lists[pid] is new.perms:
-                    rec = cur[: cur.index(0) + 1] + new.value + pack(gen, cgen, pid)
-                    o = new.perms[0].domid
-                    self.owned_bytes[o] += len(rec) - len(cur)
-                    self._put_record(path, rec, gen)
-                    continue
             if cur is not None:
+                _vgen, cgen, pid = unpack(cur, len(cur) - _REC_SIZE)
+                if new is not None and perm_lists[pid] is new.perms:
+                    # An overwrite with the same permission list (the common case): the owner
+                    # keeps its count and only the value's size changes.
+                    rec = cur[: len(where[1])] + new.value + pack(gen, cgen, pid)
+                    owned_bytes[new.perms[0].domid] += len(rec) - len(cur)
+                    put(path, where, rec, gen)
+                    continue
                 self._charge(path, cur, -1)
-            if new is None:
-                if path != ROOT:
-                    touched_parents.add(parent(path))
-                self._put_record(path, None, gen)
-                continue
-            node_perms = new.perms
-            if cur is None:
-                if path != ROOT:
-                    touched_parents.add(parent(path))
-                cgen = gen
+                if new is None:
+                    touched_parents[where[0]] = None  # (the root is never deleted)
+                    put(path, where, None, gen)
+                    continue
             else:
-                cgen = _REC.unpack_from(cur, len(cur) - _REC_SIZE)[1]
+                assert new is not None
+                if path != ROOT:
+                    touched_parents[where[0]] = None
+                cgen = gen
+                fresh.add(path)
+            node_perms = new.perms
             pid = self._perm_id(node_perms)
             self._track(path, pid)
-            rec = _head(path) + new.value + pack(gen, cgen, pid)
+            rec = where[1] + new.value + pack(gen, cgen, pid)
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
             owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
-            self._put_record(path, rec, gen)
+            put(path, where, rec, gen)
         for p in touched_parents:
-            self._child_list_changed(p, gen)
+            if p not in fresh and (p not in writes or writes[p] is not None):
+                self._child_list_changed(p, gen)
         self.gen = gen
-        self._collect()
+        if self._garbage:
+            self._collect()
         return gen
 
     def _child_list_changed(self, path: str, gen: int, found: tuple[Key, Record] | None = None) -> None:
@@ -566,17 +599,18 @@ class Store:
         the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone).
         ``found``: what :meth:`lookup` says of ``path``, if the caller has it (still true:
         a child lives in another list than its parent's entry)."""
-        if found is None or (found[0][1] is not None and found[0][1][found[0][2]] is not found[1]):
-            found = self.lookup(path)
-        if found is None:
-            return
-        (_path, entries, i), cur = found
+        if found is not None:
+            (_path, entries, i), cur = found
+            if entries is not None and entries[i] is cur and not self._snapshots and not self._old:
+                vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
+                entries[i] = cur[:_TAIL] + _REC.pack(vgen, gen, pid)  # nothing to keep: in place
+                return
+        where = self._find(path)
+        cur = where[5]
+        if cur is None or len(cur) == len(where[1]):
+            return  # gone (or a tombstone)
         vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
-        rec = cur[:_TAIL] + _REC.pack(vgen, gen, pid)
-        if entries is not None and not self._snapshots and not self._old:
-            entries[i] = rec  # nothing to keep for a snapshot: where lookup found it
-        else:
-            self._put_record(path, rec, gen)
+        self._put_found(path, where, cur[:_TAIL] + _REC.pack(vgen, gen, pid), gen)
 
     def overwrite(self, key: Key, cur: Record, value: bytes) -> int:
         """Replace the value of a live node as a commit of its own, keeping its permissions and

@@ -190,14 +190,19 @@ class Transaction:
     def validate(self) -> bool:
         if self.implicit or not self.writes:
             return True
-        get = self.store.get
+        store = self.store
+        if store.gen == self.snap:
+            # Nothing committed since the snapshot: everything read is as it was (the common
+            # case: a toolstack's transactions rarely overlap), so no read needs a look.
+            return True
+        gens = store.gens
         for path, vgen in self.reads.items():
-            cur = get(path)
-            if (cur.vgen if cur is not None else None) != vgen:
+            cur = gens(path)
+            if (cur[0] if cur is not None else None) != vgen:
                 return False
         for path, cgen in self.dir_reads.items():
-            cur = get(path)
-            if cur is None or cur.cgen != cgen:
+            cur = gens(path)
+            if cur is None or cur[1] != cgen:
                 return False
         return True
 
