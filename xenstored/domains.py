@@ -386,13 +386,11 @@ class DomainManager:
         txn = Transaction(store, implicit=True)
         priv = core.priv_domid
         keep = core.config.keep_orphans
-        removed: set[str] = set()
         # The nodes naming the domain, from the store's index (not a walk of the whole tree:
-        # a release must not cost more with every other guest's nodes), parents first.
+        # a release must not cost more with every other guest's nodes), parents first: one
+        # inside a subtree removed already reads as gone through the transaction.
         for path in sorted(store.naming(domid)):
-            if any(a in removed for a in _ancestors(path)):
-                continue  # gone with an owned subtree above it
-            node = store.get(path)
+            node = txn.get(path)
             if node is None:
                 continue
             if node.owner == domid and path != paths.ROOT:
@@ -400,7 +398,6 @@ class DomainManager:
                     txn.put(path, node.value, perms.with_owner(node.perms, priv), existed=True)
                 else:
                     txn.remove_tree(path)
-                    removed.add(path)
             else:
                 stripped = perms.without_domain(node.perms, domid)
                 if stripped is not None:
@@ -414,14 +411,6 @@ class DomainManager:
 
 def _nothing(dom: Domain) -> None:
     pass
-
-
-def _ancestors(path: str) -> list[str]:
-    out = []
-    while path != paths.ROOT:
-        path = paths.parent(path)
-        out.append(path)
-    return out
 
 
 __all__ = ["ERRORS", "Domain", "DomainManager"]

@@ -306,6 +306,32 @@ class Store:
             return None
         return Node(rec[rec.index(0) + 1 : _TAIL], self._perm_lists[pid], vgen, cgen)
 
+    def listing(self, path: str, snap: int) -> tuple[int, list[str]] | None:
+        """``(cgen, child names)`` of the node as the snapshot ``snap`` sees it (None: no such
+        node there): what a transaction lists and records for validation, from one search for
+        the node.  A snapshot of the current generation sees the live lists (no per-child look
+        at old versions): the usual case, a transaction nobody committed across."""
+        if snap == self.gen:
+            rec = self._latest(path)
+            if rec is None:
+                return None
+            return _REC.unpack_from(rec, len(rec) - _REC_SIZE)[1], self.child_names(path)
+        old = self._old
+        v = old.get(path) if old else None
+        if v is not None:
+            rec = self._at(v, snap)
+            if rec is None:
+                return None
+            cgen = _REC.unpack_from(rec, len(rec) - _REC_SIZE)[1]
+        else:
+            rec = self._latest(path)
+            if rec is None:
+                return None
+            vgen, cgen, _pid = _REC.unpack_from(rec, len(rec) - _REC_SIZE)
+            if vgen > snap or cgen > snap:
+                return None
+        return cgen, self.child_names(path, snap)
+
     @staticmethod
     def _at(v: Record | list[Version] | None, snap: int) -> Record | None:
         if v is None:

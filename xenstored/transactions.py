@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .paths import ROOT, basename, join, parent
+from .paths import ROOT
 from .perms import Perms
 from .store import Node, Store
 
@@ -103,10 +103,18 @@ class Transaction:
 
     def children(self, path: str) -> list[str]:
         """Child names in byte order; records the listing so a concurrent change conflicts."""
-        base = self._base(path)
-        if base is not None and path not in self.dir_reads and not self.implicit:
-            self.dir_reads[path] = base.cgen
-        names = self.store.child_names(path, None if self.implicit else self.snap) if base else []
+        store = self.store
+        if self.implicit:
+            names = store.child_names(path) if store.latest_record(path) is not None else []
+        else:
+            found = store.listing(path, self.snap)
+            if found is None:
+                names = []
+            else:
+                cgen, names = found
+                dir_reads = self.dir_reads
+                if path not in dir_reads:
+                    dir_reads[path] = cgen
         added = self.added.get(path)
         removed = self.removed.get(path)
         if added or removed:
@@ -128,19 +136,28 @@ class Transaction:
     def _link(self, path: str, present: bool) -> None:
         if path == ROOT:
             return
-        p, name = parent(path), basename(path)
+        cut = path.rfind("/")  # paths.parent and basename, with one search
+        p, name = path[:cut] or ROOT, path[cut + 1 :]
         if present:
             gone = self.removed.get(p)
             if gone and name in gone:
                 gone.discard(name)
             else:
-                self.added.setdefault(p, set()).add(name)
+                added = self.added.get(p)
+                if added is None:
+                    self.added[p] = {name}
+                else:
+                    added.add(name)
         else:
             new = self.added.get(p)
             if new and name in new:
                 new.discard(name)
             else:
-                self.removed.setdefault(p, set()).add(name)
+                removed = self.removed.get(p)
+                if removed is None:
+                    self.removed[p] = {name}
+                else:
+                    removed.add(name)
 
     def put(self, path: str, value: bytes, perms: Perms, *, existed: bool) -> None:
         """Write a node; ``existed`` says whether it was visible before (the caller looked)."""
@@ -163,17 +180,21 @@ class Transaction:
         top_node = self.get(top)
         assert top_node is not None
         self.note_change(top, exact=False, old=top_node.perms, new=None)
-        removed = []
+        removed = [top_node]
         stack = [top]
+        node: Node | None = top_node
         while stack:
             p = stack.pop()
-            node = self.get(p)
-            if node is None:
-                continue
-            removed.append(node)
             if p != top:
+                node = self.get(p)
+                if node is None:
+                    continue
+                removed.append(node)
                 self.note_change(p, exact=True, old=node.perms, new=None)
-            stack.extend(join(p, n) for n in reversed(self.children(p)))
+            names = self.children(p)
+            if names:
+                prefix = "/" if p == ROOT else p + "/"
+                stack.extend([prefix + n for n in reversed(names)])
             self.delete(p)
         return removed
 
