@@ -355,6 +355,8 @@ class Core:
 
     def fire(self, changes: list[Change]) -> None:
         """Queue the watch events for committed changes, in commit order."""
+        if not self.watches.count:
+            return  # nobody watches anything: no change needs a look
         matching = self.watches.matching
         for change in changes:
             for w in matching(change.path, change.exact):

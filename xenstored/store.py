@@ -163,7 +163,11 @@ class Store:
         self.log: NodeLog | None = None
         self._dirs: dict[str, list[Record] | SortedList] = {}
         self._old: dict[str, list[Version]] = {}
-        self._snapshots: SortedList = SortedList()
+        # Open snapshots: generation -> how many.  Generations only grow, so a new snapshot's is
+        # never below an open one's and the dict's order is ascending: the oldest is its first
+        # key (a SortedList cost a microsecond or two per transaction start and end).
+        self._snapshots: dict[int, int] = {}
+        self._open = 0
         self._garbage: deque[tuple[int, str]] = deque()
         # Live nodes per owner domain: the nodes quota, kept exact at every commit.
         self.owned: dict[int, int] = {}
@@ -390,19 +394,29 @@ class Store:
     # ----------------------------------------------------------------------------- snapshots
     def open_snapshot(self) -> int:
         snap = self.gen
-        self._snapshots.add(snap)
+        snaps = self._snapshots
+        snaps[snap] = snaps.get(snap, 0) + 1
+        self._open += 1
         return snap
 
     def close_snapshot(self, snap: int) -> None:
-        self._snapshots.remove(snap)
-        self._collect()
+        snaps = self._snapshots
+        n = snaps[snap] - 1
+        if n:
+            snaps[snap] = n
+        else:
+            del snaps[snap]
+        self._open -= 1
+        if self._garbage:
+            self._collect()
 
     @property
     def open_snapshots(self) -> int:
-        return len(self._snapshots)
+        return self._open
 
     def _horizon(self) -> int:
-        return self._snapshots[0] if self._snapshots else self.gen
+        snaps = self._snapshots
+        return next(iter(snaps)) if snaps else self.gen
 
     def _collect(self) -> None:
         """Drop versions that no open or future snapshot can see.  Amortised O(1) per write."""
