@@ -354,7 +354,7 @@ class Store:
         if not entries:
             return []
         old = self._old
-        if snap is None:
+        if snap is None or snap == self.gen:  # the current generation's snapshot is live
             if not old:  # no tombstone anywhere: every entry is a live node
                 return [e.partition(b"\0")[0].decode() for e in entries]
             return [e[:n].decode() for e in entries if len(e) > (n := e.index(0)) + 1]

@@ -83,11 +83,6 @@ class Transaction:
         self.blind_writes = 0  # nodes written without being read first (for ``touched``)
 
     # --------------------------------------------------------------------------- reading
-    def _base(self, path: str) -> Node | None:
-        if self.implicit:
-            return self.store.get(path)
-        return self.store.get_at(path, self.snap)
-
     def get(self, path: str) -> Node | None:
         """The node as this transaction sees it; the first look is recorded for validation."""
         writes = self.writes
@@ -115,6 +110,23 @@ class Transaction:
                 dir_reads = self.dir_reads
                 if path not in dir_reads:
                     dir_reads[path] = cgen
+        return self._merged(path, names)
+
+    def _children_of(self, path: str, base: Node) -> list[str]:
+        """:meth:`children` of a node :meth:`get` just read from the snapshot (or, implicit,
+        the store): ``base`` says it exists there and its cgen, so no second search."""
+        store = self.store
+        if self.implicit:
+            names = store.child_names(path)
+        else:
+            dir_reads = self.dir_reads
+            if path not in dir_reads:
+                dir_reads[path] = base.cgen
+            names = store.child_names(path, self.snap)
+        return self._merged(path, names)
+
+    def _merged(self, path: str, names: list[str]) -> list[str]:
+        """The snapshot's ``names`` under ``path`` with this transaction's links applied."""
         added = self.added.get(path)
         removed = self.removed.get(path)
         if added or removed:
@@ -177,21 +189,19 @@ class Transaction:
         """Delete ``top`` and its subtree, iteratively (XSA-418), noting the watch events: the
         top fires watches on it and its ancestors, each descendant only watches placed exactly on
         it.  Returns the removed nodes (for node accounting)."""
-        top_node = self.get(top)
-        assert top_node is not None
-        self.note_change(top, exact=False, old=top_node.perms, new=None)
-        removed = [top_node]
+        writes = self.writes
+        removed: list[Node] = []
         stack = [top]
-        node: Node | None = top_node
         while stack:
             p = stack.pop()
-            if p != top:
-                node = self.get(p)
-                if node is None:
-                    continue
-                removed.append(node)
-                self.note_change(p, exact=True, old=node.perms, new=None)
-            names = self.children(p)
+            written = p in writes  # (before get: a node read from the snapshot lists from it)
+            node = self.get(p)
+            if node is None:
+                assert p != top
+                continue
+            removed.append(node)
+            self.note_change(p, exact=p != top, old=node.perms, new=None)
+            names = self.children(p) if written else self._children_of(p, node)
             if names:
                 prefix = "/" if p == ROOT else p + "/"
                 stack.extend([prefix + n for n in reversed(names)])
