@@ -573,7 +573,9 @@ class Store:
         here) or None for deletion.  Parents whose child list changes get a new ``cgen``.
         Works on the packed records directly: a commit unpacks nothing it does not need, and
         finds each entry once (the search that tells what it replaces also tells where the new
-        one goes).
+        one goes).  This loop runs for every node a transaction writes: the accounting
+        (_charge, node_size) and, when no snapshot needs old versions, the installation
+        (what _put_found decides then) are spelt out.
         """
         gen = self.gen + 1
         # Directories whose child list changes, but not those created in this commit (their
@@ -585,11 +587,17 @@ class Store:
         perm_lists = self._perm_lists
         nlog = self.log
         pack, unpack = _REC.pack, _REC.unpack_from
-        find, put = self._find, self._put_found
+        find, put, install = self._find, self._put_found, self._install
+        # No snapshot open and no old version kept (the usual commit: a transaction closes its
+        # own snapshot first): every entry is replaced, inserted or cut where it was found, and
+        # no tombstone exists.  Nothing in this loop opens a snapshot or keeps a version then.
+        plain = not self._snapshots and not self._old
+        last_perms: Perms | None = None  # the nodes of a write set mostly share one list
+        last_pid = 0
         for path, new in writes.items():
             where = find(path)
-            cur = where[5]
-            if cur is not None and len(cur) == len(where[1]):
+            up, head, entries, sub, i, cur = where
+            if cur is not None and len(cur) == len(head):
                 cur = None  # a tombstone: the node is gone
             if cur is None and new is None:
                 continue
@@ -600,32 +608,53 @@ class Store:
                     nlog.node(path, new.value, new.perms)
             if cur is not None:
                 _vgen, cgen, pid = unpack(cur, len(cur) - _REC_SIZE)
-                if new is not None and perm_lists[pid] is new.perms:
+                old_perms = perm_lists[pid]
+                if new is not None and old_perms is new.perms:
                     # An overwrite with the same permission list (the common case): the owner
                     # keeps its count and only the value's size changes.
-                    rec = cur[: len(where[1])] + new.value + pack(gen, cgen, pid)
-                    owned_bytes[new.perms[0].domid] += len(rec) - len(cur)
-                    put(path, where, rec, gen)
+                    rec = cur[: len(head)] + new.value + pack(gen, cgen, pid)
+                    owned_bytes[old_perms[0].domid] += len(rec) - len(cur)
+                    if plain:
+                        install(up, entries, sub, i, cur, rec)
+                    else:
+                        put(path, where, rec, gen)
                     continue
-                self._charge(path, cur, -1)
+                o = old_perms[0].domid  # _charge(path, cur, -1)
+                n = owned.get(o, 0) - 1
+                if n > 0:
+                    owned[o] = n
+                    owned_bytes[o] -= NODE_OVERHEAD + len(path) + len(cur) - _REC_SIZE - len(head) + 8 * len(old_perms)
+                else:
+                    owned.pop(o, None)
+                    owned_bytes.pop(o, None)
                 if new is None:
-                    touched_parents[where[0]] = None  # (the root is never deleted)
-                    put(path, where, None, gen)
+                    touched_parents[up] = None  # (the root is never deleted: put refuses)
+                    if plain and up != _NO_PARENT:
+                        self._delete(up, entries, sub, i)  # type: ignore[arg-type]
+                    else:
+                        put(path, where, None, gen)
                     continue
             else:
                 assert new is not None
-                if path != ROOT:
-                    touched_parents[where[0]] = None
+                if up != _NO_PARENT:
+                    touched_parents[up] = None
                 cgen = gen
                 fresh.add(path)
             node_perms = new.perms
-            pid = self._perm_id(node_perms)
-            self._track(path, pid)
-            rec = where[1] + new.value + pack(gen, cgen, pid)
+            if node_perms is not last_perms:
+                last_perms, last_pid = node_perms, self._perm_id(node_perms)
+            pid = last_pid
+            if pid in self._users:
+                self._track(path, pid)
+            value = new.value
+            rec = head + value + pack(gen, cgen, pid)
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
-            owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
-            put(path, where, rec, gen)
+            owned_bytes[o] = owned_bytes.get(o, 0) + NODE_OVERHEAD + len(path) + len(value) + 8 * len(node_perms)
+            if plain:
+                install(up, entries, sub, i, cur, rec)
+            else:
+                put(path, where, rec, gen)
         for p in touched_parents:
             if p not in fresh and (p not in writes or writes[p] is not None):
                 self._child_list_changed(p, gen)
