@@ -904,15 +904,22 @@ class Store:
         self.gen = gen
         return orphans
 
-    def naming(self, domid: int) -> list[str]:
-        """Live paths whose permission list names ``domid`` (as owner or otherwise): O(distinct
-        permission lists + the entries of the directories holding the answer), whatever the
-        size of the store."""
+    def naming(self, domid: int) -> list[tuple[str, Record]]:
+        """Live paths whose permission list names ``domid`` (as owner or otherwise), each with
+        its current record (the caller needs its permissions and value: no second search):
+        O(distinct permission lists + the entries of the directories holding the answer),
+        whatever the size of the store."""
         if domid == 0:  # not tracked (see _users): the walk, for the one domain never released
-            return [p for p in self.walk() if any(e.domid == 0 for e in self._latest_perms(p))]
-        out: list[str] = []
+            out0 = []
+            for p in self.walk():
+                rec = self._latest(p)
+                if rec is not None and any(e.domid == 0 for e in self.record_perms(rec)):
+                    out0.append((p, rec))
+            return out0
+        out: list[tuple[str, Record]] = []
         users = self._users
         unpack = _REC.unpack_from
+        latest = self._latest
         for pid in self._lists_naming.get(domid, ()):
             where = users.get(pid)
             if not where:
@@ -922,30 +929,27 @@ class Store:
                 if up == _NO_PARENT:
                     rec = self._root
                     if unpack(rec, len(rec) - _REC_SIZE)[2] == pid:
-                        out.append(ROOT)
+                        out.append((ROOT, rec))
                         found = True
                 elif names is None:  # many such entries here: scan the directory
                     for rec in self._dirs.get(up, ()):
                         n = rec.index(0)
                         if len(rec) > n + 1 and unpack(rec, len(rec) - _REC_SIZE)[2] == pid:
-                            out.append(join(up, rec[:n].decode()))
+                            out.append((join(up, rec[:n].decode()), rec))
                             found = True
                 else:
+                    prefix = "/" if up == ROOT else up + "/"
                     for name in list(names):
-                        path = join(up, name)
-                        hit = self.lookup(path)
-                        if hit is not None and unpack(hit[1], len(hit[1]) - _REC_SIZE)[2] == pid:
-                            out.append(path)
+                        path = prefix + name
+                        hit = latest(path)
+                        if hit is not None and unpack(hit, len(hit) - _REC_SIZE)[2] == pid:
+                            out.append((path, hit))
                             found = True
                         else:
                             names.discard(name)  # changed or gone since
                 if not found:
                     del where[up]  # its last such entry changed since
         return out
-
-    def _latest_perms(self, path: str) -> Perms:
-        node = self.get(path)
-        return node.perms if node is not None else ()
 
     def _entries(self) -> Iterator[tuple[str, Record]]:
         """Every path and latest entry (tombstones included), the root first."""
