@@ -370,6 +370,21 @@ class Store:
                 out.append(name)
         return out
 
+    def child_nodes(self, path: str) -> list[tuple[str, Node]]:
+        """The live children of ``path`` with their nodes, in byte order, from its directory's
+        entries (a subtree's removal reads every node below its top: no search per node)."""
+        entries = self._dirs.get(path)
+        if not entries:
+            return []
+        out = []
+        perm_lists, unpack = self._perm_lists, _REC.unpack_from
+        for e in entries:
+            n = e.index(0)
+            if len(e) > n + 1:  # not a tombstone
+                vgen, cgen, pid = unpack(e, len(e) - _REC_SIZE)
+                out.append((e[:n].decode(), Node(e[n + 1 : _TAIL], perm_lists[pid], vgen, cgen)))
+        return out
+
     def child_payload(self, path: str) -> bytes:
         """The live children of ``path`` as DIRECTORY's reply spells them (``a\0b\0``), cut
         straight from the entries: a tree walk is one of these per node, and decoding each name

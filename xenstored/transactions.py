@@ -189,22 +189,35 @@ class Transaction:
         """Delete ``top`` and its subtree, iteratively (XSA-418), noting the watch events: the
         top fires watches on it and its ancestors, each descendant only watches placed exactly on
         it.  Returns the removed nodes (for node accounting)."""
-        writes = self.writes
+        writes, reads, store = self.writes, self.reads, self.store
+        implicit = self.implicit
+        # While the snapshot is the live store (an implicit transaction, or nobody committed
+        # since this one began), the children of a node read from it come with their nodes
+        # from its directory: no search per descendant.
+        live = implicit or self.snap == store.gen
         removed: list[Node] = []
-        stack = [top]
+        stack: list[tuple[str, Node | None]] = [(top, None)]
         while stack:
-            p = stack.pop()
-            written = p in writes  # (before get: a node read from the snapshot lists from it)
-            node = self.get(p)
-            if node is None:
-                assert p != top
-                continue
+            p, node = stack.pop()
+            written = p in writes
+            if node is None or written:
+                node = self.get(p)
+                if node is None:
+                    assert p != top
+                    continue
+            elif not implicit and p not in reads:
+                reads[p] = node.vgen  # what get() records of a read from the snapshot
             removed.append(node)
             self.note_change(p, exact=p != top, old=node.perms, new=None)
-            names = self.children(p) if written else self._children_of(p, node)
-            if names:
-                prefix = "/" if p == ROOT else p + "/"
-                stack.extend([prefix + n for n in reversed(names)])
+            prefix = "/" if p == ROOT else p + "/"
+            if written:
+                stack.extend([(prefix + n, None) for n in reversed(self.children(p))])
+            elif live and not self.added.get(p) and not self.removed.get(p):
+                if not implicit and p not in self.dir_reads:
+                    self.dir_reads[p] = node.cgen
+                stack.extend([(prefix + n, c) for n, c in reversed(store.child_nodes(p))])
+            else:
+                stack.extend([(prefix + n, None) for n in reversed(self._children_of(p, node))])
             self.delete(p)
         return removed
 
