@@ -609,9 +609,24 @@ class Store:
         plain = not self._snapshots and not self._old
         last_perms: Perms | None = None  # the nodes of a write set mostly share one list
         last_pid = 0
+        dirs = self._dirs
         for path, new in writes.items():
-            where = find(path)
-            up, head, entries, sub, i, cur = where
+            cut = path.rfind("/")
+            if cut > 0 or len(path) > 1:  # _find(path), spelt out but for the root
+                up = path[:cut] if cut > 0 else ROOT
+                head = path[cut + 1 :].encode() + b"\0"
+                entries = dirs.get(up)
+                if entries is None:
+                    sub, i, cur = _NOWHERE, 0, None
+                else:
+                    if type(entries) is list:
+                        sub, i = entries, bisect_left(entries, head)
+                    else:
+                        sub, i = _slot(entries, head)
+                    cur = sub[i] if i < len(sub) and sub[i].startswith(head) else None
+            else:
+                up, head, entries, sub, i, cur = find(path)
+            found = cur  # (put() wants the entry there, a tombstone included)
             if cur is not None and len(cur) == len(head):
                 cur = None  # a tombstone: the node is gone
             if cur is None and new is None:
@@ -632,7 +647,7 @@ class Store:
                     if plain:
                         install(up, entries, sub, i, cur, rec)
                     else:
-                        put(path, where, rec, gen)
+                        put(path, (up, head, entries, sub, i, found), rec, gen)
                     continue
                 o = old_perms[0].domid  # _charge(path, cur, -1)
                 n = owned.get(o, 0) - 1
@@ -647,7 +662,7 @@ class Store:
                     if plain and up != _NO_PARENT:
                         self._delete(up, entries, sub, i)  # type: ignore[arg-type]
                     else:
-                        put(path, where, None, gen)
+                        put(path, (up, head, entries, sub, i, found), None, gen)
                     continue
             else:
                 assert new is not None
@@ -669,7 +684,7 @@ class Store:
             if plain:
                 install(up, entries, sub, i, cur, rec)
             else:
-                put(path, where, rec, gen)
+                put(path, (up, head, entries, sub, i, found), rec, gen)
         for p in touched_parents:
             if p not in fresh and (p not in writes or writes[p] is not None):
                 self._child_list_changed(p, gen)
