@@ -226,6 +226,12 @@ class Core:
         hv = self.hypervisor
         if hv is None:
             return node_perms
+        for i in range(1, len(node_perms)):
+            p = node_perms[i]
+            if p.domid != DOMID_ANY and not p.ignore and hv.domain_info(p.domid) is None:
+                break
+        else:
+            return node_perms  # nothing to mark (the usual case): the same list, not a copy
         out = tuple(
             p if i == 0 or p.domid == DOMID_ANY or hv.domain_info(p.domid) is not None else Perm(p.domid, p.access, True)
             for i, p in enumerate(node_perms)
@@ -355,6 +361,8 @@ class Core:
 
     def fire(self, changes: list[Change]) -> None:
         """Queue the watch events for committed changes, in commit order."""
+        if not self.watches.count:
+            return  # nobody watches anything: no change needs a look
         matching = self.watches.matching
         for change in changes:
             for w in matching(change.path, change.exact):

@@ -386,25 +386,30 @@ class DomainManager:
         txn = Transaction(store, implicit=True)
         priv = core.priv_domid
         keep = core.config.keep_orphans
-        removed: set[str] = set()
+        strip: dict[perms.Perms, perms.Perms | None] = {}
         # The nodes naming the domain, from the store's index (not a walk of the whole tree:
-        # a release must not cost more with every other guest's nodes), parents first.
-        for path in sorted(store.naming(domid)):
-            if any(a in removed for a in _ancestors(path)):
-                continue  # gone with an owned subtree above it
-            node = store.get(path)
-            if node is None:
+        # a release must not cost more with every other guest's nodes), parents first, each
+        # with its record.  Each path comes once: one the transaction wrote already went with
+        # an owned subtree above it.
+        writes = txn.writes
+        for path, rec in sorted(store.naming(domid)):
+            if path in writes:
                 continue
-            if node.owner == domid and path != paths.ROOT:
+            node_perms = store.record_perms(rec)
+            if node_perms[0].domid == domid and path != paths.ROOT:
                 if keep:
-                    txn.put(path, node.value, perms.with_owner(node.perms, priv), existed=True)
+                    txn.put(path, store.record_value(rec), perms.with_owner(node_perms, priv), existed=True)
                 else:
                     txn.remove_tree(path)
-                    removed.add(path)
             else:
-                stripped = perms.without_domain(node.perms, domid)
+                # Nodes share a few permission lists: strip each list once, so that the nodes
+                # sharing it share the result too (the commit numbers a list once per run).
+                if node_perms in strip:
+                    stripped = strip[node_perms]
+                else:
+                    stripped = strip[node_perms] = perms.without_domain(node_perms, domid)
                 if stripped is not None:
-                    txn.put(path, node.value, stripped, existed=True)
+                    txn.put(path, store.record_value(rec), stripped, existed=True)
         for name, sp in list(core.special_perms.items()):
             stripped = perms.without_domain(sp, domid)
             if stripped is not None:
@@ -414,14 +419,6 @@ class DomainManager:
 
 def _nothing(dom: Domain) -> None:
     pass
-
-
-def _ancestors(path: str) -> list[str]:
-    out = []
-    while path != paths.ROOT:
-        path = paths.parent(path)
-        out.append(path)
-    return out
 
 
 __all__ = ["ERRORS", "Domain", "DomainManager"]

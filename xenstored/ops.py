@@ -395,16 +395,31 @@ def _special_base(name: str) -> str:
     return name.split("/", 1)[0]
 
 
+# Permission lists as SET_PERMS spells them (the payload after the path) -> parsed.  A toolstack
+# sets the same few lists on every guest's nodes, and parsing costs a microsecond an entry; the
+# tuples are immutable, so sharing one is safe.  Bounded: emptied when full.
+_PARSED: dict[bytes, Perms] = {}
+_PARSED_MAX = 1024
+
+
 def _set_perms_args(core: Core, conn: Connection, msg: Message) -> tuple[str, Perms]:
     """SET_PERMS's path (decoded, not yet canonical) and new permission list, checked."""
-    args = split_args(msg.payload)
+    payload = msg.payload
+    args = split_args(payload)
     if len(args) < 2:
         raise XsError("EINVAL", "SET_PERMS wants a path and at least one permission")
     if not conn.privileged:
         limit = conn.domain.quotas["node-permissions"]
         if quota.exceeds(limit, len(args) - 1):
             raise _refuse(core, conn, "node-permissions", limit, len(args) - 1)
-    return paths.decode(args[0]), perms.parse(args[1:])
+    spelt = payload[len(args[0]) + 1 :]
+    parsed = _PARSED.get(spelt)
+    if parsed is None:
+        parsed = perms.parse(args[1:])  # raises for a bad list, which is then not kept
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[spelt] = parsed
+    return paths.decode(args[0]), parsed
 
 
 def _set_special_perms(core: Core, conn: Connection, raw: str, new_perms: Perms) -> bytes:

@@ -79,6 +79,9 @@ Version = tuple[int, "Record | None"]
 # What lookup() hands the write fast path: the path, and where its entry sits (the directory's
 # list and the index; None for the root), so that overwrite() need not search again.
 Key = tuple[str, "list[Record] | None", int]
+# What Store._find says of a path: its directory, ``name + NUL``, the directory's container,
+# the plain list and index where the entry is or would go, and the entry found there (or None).
+Where = tuple[str, bytes, "list[Record] | SortedList | None", "list[Record]", int, "Record | None"]
 
 NODE_OVERHEAD = 16  # per-node header, as C-4.19+ counts it
 
@@ -160,7 +163,11 @@ class Store:
         self.log: NodeLog | None = None
         self._dirs: dict[str, list[Record] | SortedList] = {}
         self._old: dict[str, list[Version]] = {}
-        self._snapshots: SortedList = SortedList()
+        # Open snapshots: generation -> how many.  Generations only grow, so a new snapshot's is
+        # never below an open one's and the dict's order is ascending: the oldest is its first
+        # key (a SortedList cost a microsecond or two per transaction start and end).
+        self._snapshots: dict[int, int] = {}
+        self._open = 0
         self._garbage: deque[tuple[int, str]] = deque()
         # Live nodes per owner domain: the nodes quota, kept exact at every commit.
         self.owned: dict[int, int] = {}
@@ -257,6 +264,14 @@ class Store:
                 return (path, entries, i), rec
         return None
 
+    def gens(self, path: str) -> tuple[int, int] | None:
+        """``(vgen, cgen)`` of the current node (None: no such node): what commit validation
+        compares, without building a Node."""
+        rec = self._latest(path)
+        if rec is None:
+            return None
+        vgen, cgen, _pid = _REC.unpack_from(rec, len(rec) - _REC_SIZE)
+        return vgen, cgen
 
     def record_perms(self, rec: Record) -> Perms:
         return self._perm_lists[_REC.unpack_from(rec, len(rec) - _REC_SIZE)[2]]
@@ -290,6 +305,32 @@ class Store:
             return None
         return Node(rec[rec.index(0) + 1 : _TAIL], self._perm_lists[pid], vgen, cgen)
 
+    def listing(self, path: str, snap: int) -> tuple[int, list[str]] | None:
+        """``(cgen, child names)`` of the node as the snapshot ``snap`` sees it (None: no such
+        node there): what a transaction lists and records for validation, from one search for
+        the node.  A snapshot of the current generation sees the live lists (no per-child look
+        at old versions): the usual case, a transaction nobody committed across."""
+        if snap == self.gen:
+            rec = self._latest(path)
+            if rec is None:
+                return None
+            return _REC.unpack_from(rec, len(rec) - _REC_SIZE)[1], self.child_names(path)
+        old = self._old
+        v = old.get(path) if old else None
+        if v is not None:
+            rec = self._at(v, snap)
+            if rec is None:
+                return None
+            cgen = _REC.unpack_from(rec, len(rec) - _REC_SIZE)[1]
+        else:
+            rec = self._latest(path)
+            if rec is None:
+                return None
+            vgen, cgen, _pid = _REC.unpack_from(rec, len(rec) - _REC_SIZE)
+            if vgen > snap or cgen > snap:
+                return None
+        return cgen, self.child_names(path, snap)
+
     @staticmethod
     def _at(v: Record | list[Version] | None, snap: int) -> Record | None:
         if v is None:
@@ -308,7 +349,7 @@ class Store:
         if not entries:
             return []
         old = self._old
-        if snap is None:
+        if snap is None or snap == self.gen:  # the current generation's snapshot is live
             if not old:  # no tombstone anywhere: every entry is a live node
                 return [e.partition(b"\0")[0].decode() for e in entries]
             return [e[:n].decode() for e in entries if len(e) > (n := e.index(0)) + 1]
@@ -322,6 +363,21 @@ class Store:
                 v = e if len(e) > n + 1 else None
             if at(v, snap) is not None:
                 out.append(name)
+        return out
+
+    def child_nodes(self, path: str) -> list[tuple[str, Node]]:
+        """The live children of ``path`` with their nodes, in byte order, from its directory's
+        entries (a subtree's removal reads every node below its top: no search per node)."""
+        entries = self._dirs.get(path)
+        if not entries:
+            return []
+        out = []
+        perm_lists, unpack = self._perm_lists, _REC.unpack_from
+        for e in entries:
+            n = e.index(0)
+            if len(e) > n + 1:  # not a tombstone
+                vgen, cgen, pid = unpack(e, len(e) - _REC_SIZE)
+                out.append((e[:n].decode(), Node(e[n + 1 : _TAIL], perm_lists[pid], vgen, cgen)))
         return out
 
     def child_payload(self, path: str) -> bytes:
@@ -348,19 +404,29 @@ class Store:
     # ----------------------------------------------------------------------------- snapshots
     def open_snapshot(self) -> int:
         snap = self.gen
-        self._snapshots.add(snap)
+        snaps = self._snapshots
+        snaps[snap] = snaps.get(snap, 0) + 1
+        self._open += 1
         return snap
 
     def close_snapshot(self, snap: int) -> None:
-        self._snapshots.remove(snap)
-        self._collect()
+        snaps = self._snapshots
+        n = snaps[snap] - 1
+        if n:
+            snaps[snap] = n
+        else:
+            del snaps[snap]
+        self._open -= 1
+        if self._garbage:
+            self._collect()
 
     @property
     def open_snapshots(self) -> int:
-        return len(self._snapshots)
+        return self._open
 
     def _horizon(self) -> int:
-        return self._snapshots[0] if self._snapshots else self.gen
+        snaps = self._snapshots
+        return next(iter(snaps)) if snaps else self.gen
 
     def _collect(self) -> None:
         """Drop versions that no open or future snapshot can see.  Amortised O(1) per write."""
@@ -403,26 +469,37 @@ class Store:
             del self._dirs[up]
 
     # ----------------------------------------------------------------------------- writing
+    def _find(self, path: str) -> Where:
+        """Where ``path``'s entry is (or would go): its directory, ``name + NUL``, the
+        directory's container, the plain list and index from _slot, and the entry there
+        (a tombstone included; None when absent).  One search, which a commit then installs
+        through (:meth:`_put_found`) instead of searching again."""
+        if path == ROOT:
+            return _NO_PARENT, b"\0", None, _NOWHERE, 0, self._root
+        up, head = _split(path)
+        entries = self._dirs.get(up)
+        if entries is None:
+            return up, head, None, _NOWHERE, 0, None
+        if type(entries) is list:
+            sub, i = entries, bisect_left(entries, head)
+        else:
+            sub, i = _slot(entries, head)
+        if i < len(sub) and sub[i].startswith(head):
+            return up, head, entries, sub, i, sub[i]
+        return up, head, entries, sub, i, None
+
     def _put_record(self, path: str, rec: Record | None, gen: int) -> None:
         """Make ``rec`` (an entry, or None: deleted) the newest version of ``path``, keeping the
         one it replaces while an open snapshot may still read it."""
-        if path == ROOT:
-            if rec is None:
-                raise ValueError("the root cannot be removed")
-            cur: Record | None = self._root
-            entries: list[Record] | SortedList | None = None
-            up, head, sub, i = _NO_PARENT, b"\0", _NOWHERE, 0
-        else:
-            up, head = _split(path)
-            entries = self._dirs.get(up)
-            sub, i = _NOWHERE, 0
-            cur = None
-            if entries is not None:
-                sub, i = _slot(entries, head)
-                if i < len(sub) and sub[i].startswith(head):
-                    cur = sub[i]
+        self._put_found(path, self._find(path), rec, gen)
+
+    def _put_found(self, path: str, where: Where, rec: Record | None, gen: int) -> None:
+        """:meth:`_put_record` at the place :meth:`_find` just found (nothing changed since)."""
+        up, head, entries, sub, i, cur = where
+        if rec is None and up == _NO_PARENT:
+            raise ValueError("the root cannot be removed")
         old = self._old
-        hist = old.get(path)
+        hist = old.get(path) if old else None
         if hist is None:
             # ``cur`` is absent or a live entry with no shadowed version.
             if cur is None or not self._snapshots:
@@ -508,15 +585,50 @@ class Store:
 
         ``writes`` maps each path to its new node (value and perms; generations are assigned
         here) or None for deletion.  Parents whose child list changes get a new ``cgen``.
-        Works on the packed records directly: a commit unpacks nothing it does not need.
+        Works on the packed records directly: a commit unpacks nothing it does not need, and
+        finds each entry once (the search that tells what it replaces also tells where the new
+        one goes).  This loop runs for every node a transaction writes: the accounting
+        (_charge, node_size) and, when no snapshot needs old versions, the installation
+        (what _put_found decides then) are spelt out.
         """
         gen = self.gen + 1
-        touched_parents: set[str] = set()
+        # Directories whose child list changes, but not those created in this commit (their
+        # cgen is this generation already) nor those it deletes: rewriting their entry again
+        # would be a second search and a second copy per new directory.
+        touched_parents: dict[str, None] = {}
+        fresh: set[str] = set()
         owned, owned_bytes = self.owned, self.owned_bytes
+        perm_lists = self._perm_lists
         nlog = self.log
-        pack = _REC.pack
+        pack, unpack = _REC.pack, _REC.unpack_from
+        find, put, install = self._find, self._put_found, self._install
+        # No snapshot open and no old version kept (the usual commit: a transaction closes its
+        # own snapshot first): every entry is replaced, inserted or cut where it was found, and
+        # no tombstone exists.  Nothing in this loop opens a snapshot or keeps a version then.
+        plain = not self._snapshots and not self._old
+        users = self._users
+        last_perms: Perms | None = None  # the nodes of a write set mostly share one list
+        last_pid = 0
+        dirs = self._dirs
         for path, new in writes.items():
-            cur = self._latest(path)
+            cut = path.rfind("/")
+            if cut > 0 or len(path) > 1:  # _find(path), spelt out but for the root
+                up = path[:cut] if cut > 0 else ROOT
+                head = path[cut + 1 :].encode() + b"\0"
+                entries = dirs.get(up)
+                if entries is None:
+                    sub, i, cur = _NOWHERE, 0, None
+                else:
+                    if type(entries) is list:
+                        sub, i = entries, bisect_left(entries, head)
+                    else:
+                        sub, i = _slot(entries, head)
+                    cur = sub[i] if i < len(sub) and sub[i].startswith(head) else None
+            else:
+                up, head, entries, sub, i, cur = find(path)
+            found = cur  # (put() wants the entry there, a tombstone included)
+            if cur is not None and len(cur) == len(head):
+                cur = None  # a tombstone: the node is gone
             if cur is None and new is None:
                 continue
             if nlog is not None:
@@ -524,41 +636,78 @@ class Store:
                     nlog.removed(path)
                 else:
                     nlog.node(path, new.value, new.perms)
-            if cur is not None and new is not None:
-                # An overwrite: commonly the same permission list, so the owner keeps its count
-                # and only the value's size changes.
-                _vgen, cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
-                if self._perm_lists[pid] is new.perms:
-                    rec = cur[: cur.index(0) + 1] + new.value + pack(gen, cgen, pid)
-                    o = new.perms[0].domid
-                    self.owned_bytes[o] += len(rec) - len(cur)
-                    self._put_record(path, rec, gen)
-                    continue
             if cur is not None:
-                self._charge(path, cur, -1)
-            if new is None:
-                if path != ROOT:
-                    touched_parents.add(parent(path))
-                self._put_record(path, None, gen)
-                continue
-            node_perms = new.perms
-            if cur is None:
-                if path != ROOT:
-                    touched_parents.add(parent(path))
-                cgen = gen
+                _vgen, cgen, pid = unpack(cur, len(cur) - _REC_SIZE)
+                old_perms = perm_lists[pid]
+                if new is not None and old_perms is new.perms:
+                    # An overwrite with the same permission list (the common case): the owner
+                    # keeps its count and only the value's size changes.
+                    rec = cur[: len(head)] + new.value + pack(gen, cgen, pid)
+                    owned_bytes[old_perms[0].domid] += len(rec) - len(cur)
+                    if plain:
+                        install(up, entries, sub, i, cur, rec)
+                    else:
+                        put(path, (up, head, entries, sub, i, found), rec, gen)
+                    continue
+                o = old_perms[0].domid  # _charge(path, cur, -1)
+                n = owned.get(o, 0) - 1
+                if n > 0:
+                    owned[o] = n
+                    owned_bytes[o] -= NODE_OVERHEAD + len(path) + len(cur) - _REC_SIZE - len(head) + 8 * len(old_perms)
+                else:
+                    owned.pop(o, None)
+                    owned_bytes.pop(o, None)
+                if new is None:
+                    touched_parents[up] = None  # (the root is never deleted: put refuses)
+                    if plain and up != _NO_PARENT:
+                        self._delete(up, entries, sub, i)  # type: ignore[arg-type]
+                    else:
+                        put(path, (up, head, entries, sub, i, found), None, gen)
+                    continue
             else:
-                cgen = _REC.unpack_from(cur, len(cur) - _REC_SIZE)[1]
-            pid = self._perm_id(node_perms)
-            self._track(path, pid)
-            rec = _head(path) + new.value + pack(gen, cgen, pid)
+                assert new is not None
+                if up != _NO_PARENT:
+                    touched_parents[up] = None
+                cgen = gen
+                fresh.add(path)
+            node_perms = new.perms
+            if node_perms is not last_perms:
+                last_perms, last_pid = node_perms, self._perm_id(node_perms)
+            pid = last_pid
+            tracked = users.get(pid)
+            if tracked is not None:  # _track(path, pid) and _note, spelt out
+                if up == _NO_PARENT:
+                    tracked[_NO_PARENT] = None
+                elif up not in tracked:
+                    tracked[up] = {path[cut + 1 :]}
+                else:
+                    names = tracked[up]
+                    if names is not None:
+                        names.add(path[cut + 1 :])
+                        if len(names) > _NAMED:
+                            tracked[up] = None
+            value = new.value
+            rec = head + value + pack(gen, cgen, pid)
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
-            owned_bytes[o] = owned_bytes.get(o, 0) + node_size(path, len(new.value), node_perms)
-            self._put_record(path, rec, gen)
+            owned_bytes[o] = owned_bytes.get(o, 0) + NODE_OVERHEAD + len(path) + len(value) + 8 * len(node_perms)
+            if not plain:
+                put(path, (up, head, entries, sub, i, found), rec, gen)
+            elif type(entries) is list:  # _install into a plain list, spelt out
+                if cur is not None:
+                    entries[i] = rec
+                else:
+                    entries.insert(i, rec)
+                    if len(entries) > _BIG:
+                        dirs[up] = SortedList(entries)
+            else:
+                install(up, entries, sub, i, cur, rec)
         for p in touched_parents:
-            self._child_list_changed(p, gen)
+            if p not in fresh and (p not in writes or writes[p] is not None):
+                self._child_list_changed(p, gen)
         self.gen = gen
-        self._collect()
+        if self._garbage:
+            self._collect()
         return gen
 
     def _child_list_changed(self, path: str, gen: int, found: tuple[Key, Record] | None = None) -> None:
@@ -566,17 +715,18 @@ class Store:
         the same value and vgen and ``cgen = gen`` (nothing if the node itself is gone).
         ``found``: what :meth:`lookup` says of ``path``, if the caller has it (still true:
         a child lives in another list than its parent's entry)."""
-        if found is None or (found[0][1] is not None and found[0][1][found[0][2]] is not found[1]):
-            found = self.lookup(path)
-        if found is None:
-            return
-        (_path, entries, i), cur = found
+        if found is not None:
+            (_path, entries, i), cur = found
+            if entries is not None and entries[i] is cur and not self._snapshots and not self._old:
+                vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
+                entries[i] = cur[:_TAIL] + _REC.pack(vgen, gen, pid)  # nothing to keep: in place
+                return
+        where = self._find(path)
+        cur = where[5]
+        if cur is None or len(cur) == len(where[1]):
+            return  # gone (or a tombstone)
         vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
-        rec = cur[:_TAIL] + _REC.pack(vgen, gen, pid)
-        if entries is not None and not self._snapshots and not self._old:
-            entries[i] = rec  # nothing to keep for a snapshot: where lookup found it
-        else:
-            self._put_record(path, rec, gen)
+        self._put_found(path, where, cur[:_TAIL] + _REC.pack(vgen, gen, pid), gen)
 
     def overwrite(self, key: Key, cur: Record, value: bytes) -> int:
         """Replace the value of a live node as a commit of its own, keeping its permissions and
@@ -801,15 +951,22 @@ class Store:
         self.gen = gen
         return orphans
 
-    def naming(self, domid: int) -> list[str]:
-        """Live paths whose permission list names ``domid`` (as owner or otherwise): O(distinct
-        permission lists + the entries of the directories holding the answer), whatever the
-        size of the store."""
+    def naming(self, domid: int) -> list[tuple[str, Record]]:
+        """Live paths whose permission list names ``domid`` (as owner or otherwise), each with
+        its current record (the caller needs its permissions and value: no second search):
+        O(distinct permission lists + the entries of the directories holding the answer),
+        whatever the size of the store."""
         if domid == 0:  # not tracked (see _users): the walk, for the one domain never released
-            return [p for p in self.walk() if any(e.domid == 0 for e in self._latest_perms(p))]
-        out: list[str] = []
+            out0 = []
+            for p in self.walk():
+                rec = self._latest(p)
+                if rec is not None and any(e.domid == 0 for e in self.record_perms(rec)):
+                    out0.append((p, rec))
+            return out0
+        out: list[tuple[str, Record]] = []
         users = self._users
         unpack = _REC.unpack_from
+        latest = self._latest
         for pid in self._lists_naming.get(domid, ()):
             where = users.get(pid)
             if not where:
@@ -819,30 +976,27 @@ class Store:
                 if up == _NO_PARENT:
                     rec = self._root
                     if unpack(rec, len(rec) - _REC_SIZE)[2] == pid:
-                        out.append(ROOT)
+                        out.append((ROOT, rec))
                         found = True
                 elif names is None:  # many such entries here: scan the directory
                     for rec in self._dirs.get(up, ()):
                         n = rec.index(0)
                         if len(rec) > n + 1 and unpack(rec, len(rec) - _REC_SIZE)[2] == pid:
-                            out.append(join(up, rec[:n].decode()))
+                            out.append((join(up, rec[:n].decode()), rec))
                             found = True
                 else:
+                    prefix = "/" if up == ROOT else up + "/"
                     for name in list(names):
-                        path = join(up, name)
-                        hit = self.lookup(path)
-                        if hit is not None and unpack(hit[1], len(hit[1]) - _REC_SIZE)[2] == pid:
-                            out.append(path)
+                        path = prefix + name
+                        hit = latest(path)
+                        if hit is not None and unpack(hit, len(hit) - _REC_SIZE)[2] == pid:
+                            out.append((path, hit))
                             found = True
                         else:
                             names.discard(name)  # changed or gone since
                 if not found:
                     del where[up]  # its last such entry changed since
         return out
-
-    def _latest_perms(self, path: str) -> Perms:
-        node = self.get(path)
-        return node.perms if node is not None else ()
 
     def _entries(self) -> Iterator[tuple[str, Record]]:
         """Every path and latest entry (tombstones included), the root first."""

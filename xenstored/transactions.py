@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .paths import ROOT, basename, join, parent
+from .paths import ROOT
 from .perms import Perms
 from .store import Node, Store
 
@@ -83,11 +83,6 @@ class Transaction:
         self.blind_writes = 0  # nodes written without being read first (for ``touched``)
 
     # --------------------------------------------------------------------------- reading
-    def _base(self, path: str) -> Node | None:
-        if self.implicit:
-            return self.store.get(path)
-        return self.store.get_at(path, self.snap)
-
     def get(self, path: str) -> Node | None:
         """The node as this transaction sees it; the first look is recorded for validation."""
         writes = self.writes
@@ -95,18 +90,46 @@ class Transaction:
             return writes[path]
         if self.implicit:
             return self.store.get(path)
-        node = self.store.get_at(path, self.snap)  # _base, spelt out: every read in a transaction
         reads = self.reads
-        if path not in reads:
-            reads[path] = node.vgen if node is not None else None
+        if path in reads:
+            if reads[path] is None:
+                return None  # absent from the snapshot, which never changes: no second search
+            return self.store.get_at(path, self.snap)
+        node = self.store.get_at(path, self.snap)
+        reads[path] = node.vgen if node is not None else None
         return node
 
     def children(self, path: str) -> list[str]:
         """Child names in byte order; records the listing so a concurrent change conflicts."""
-        base = self._base(path)
-        if base is not None and path not in self.dir_reads and not self.implicit:
-            self.dir_reads[path] = base.cgen
-        names = self.store.child_names(path, None if self.implicit else self.snap) if base else []
+        store = self.store
+        if self.implicit:
+            names = store.child_names(path) if store.latest_record(path) is not None else []
+        else:
+            found = store.listing(path, self.snap)
+            if found is None:
+                names = []
+            else:
+                cgen, names = found
+                dir_reads = self.dir_reads
+                if path not in dir_reads:
+                    dir_reads[path] = cgen
+        return self._merged(path, names)
+
+    def _children_of(self, path: str, base: Node) -> list[str]:
+        """:meth:`children` of a node :meth:`get` just read from the snapshot (or, implicit,
+        the store): ``base`` says it exists there and its cgen, so no second search."""
+        store = self.store
+        if self.implicit:
+            names = store.child_names(path)
+        else:
+            dir_reads = self.dir_reads
+            if path not in dir_reads:
+                dir_reads[path] = base.cgen
+            names = store.child_names(path, self.snap)
+        return self._merged(path, names)
+
+    def _merged(self, path: str, names: list[str]) -> list[str]:
+        """The snapshot's ``names`` under ``path`` with this transaction's links applied."""
         added = self.added.get(path)
         removed = self.removed.get(path)
         if added or removed:
@@ -128,19 +151,28 @@ class Transaction:
     def _link(self, path: str, present: bool) -> None:
         if path == ROOT:
             return
-        p, name = parent(path), basename(path)
+        cut = path.rfind("/")  # paths.parent and basename, with one search
+        p, name = path[:cut] or ROOT, path[cut + 1 :]
         if present:
             gone = self.removed.get(p)
             if gone and name in gone:
                 gone.discard(name)
             else:
-                self.added.setdefault(p, set()).add(name)
+                added = self.added.get(p)
+                if added is None:
+                    self.added[p] = {name}
+                else:
+                    added.add(name)
         else:
             new = self.added.get(p)
             if new and name in new:
                 new.discard(name)
             else:
-                self.removed.setdefault(p, set()).add(name)
+                removed = self.removed.get(p)
+                if removed is None:
+                    self.removed[p] = {name}
+                else:
+                    removed.add(name)
 
     def put(self, path: str, value: bytes, perms: Perms, *, existed: bool) -> None:
         """Write a node; ``existed`` says whether it was visible before (the caller looked)."""
@@ -160,20 +192,35 @@ class Transaction:
         """Delete ``top`` and its subtree, iteratively (XSA-418), noting the watch events: the
         top fires watches on it and its ancestors, each descendant only watches placed exactly on
         it.  Returns the removed nodes (for node accounting)."""
-        top_node = self.get(top)
-        assert top_node is not None
-        self.note_change(top, exact=False, old=top_node.perms, new=None)
-        removed = []
-        stack = [top]
+        writes, reads, store = self.writes, self.reads, self.store
+        implicit = self.implicit
+        # While the snapshot is the live store (an implicit transaction, or nobody committed
+        # since this one began), the children of a node read from it come with their nodes
+        # from its directory: no search per descendant.
+        live = implicit or self.snap == store.gen
+        removed: list[Node] = []
+        stack: list[tuple[str, Node | None]] = [(top, None)]
         while stack:
-            p = stack.pop()
-            node = self.get(p)
-            if node is None:
-                continue
+            p, node = stack.pop()
+            written = p in writes
+            if node is None or written:
+                node = self.get(p)
+                if node is None:
+                    assert p != top
+                    continue
+            elif not implicit and p not in reads:
+                reads[p] = node.vgen  # what get() records of a read from the snapshot
             removed.append(node)
-            if p != top:
-                self.note_change(p, exact=True, old=node.perms, new=None)
-            stack.extend(join(p, n) for n in reversed(self.children(p)))
+            self.note_change(p, exact=p != top, old=node.perms, new=None)
+            prefix = "/" if p == ROOT else p + "/"
+            if written:
+                stack.extend([(prefix + n, None) for n in reversed(self.children(p))])
+            elif live and not self.added.get(p) and not self.removed.get(p):
+                if not implicit and p not in self.dir_reads:
+                    self.dir_reads[p] = node.cgen
+                stack.extend([(prefix + n, c) for n, c in reversed(store.child_nodes(p))])
+            else:
+                stack.extend([(prefix + n, None) for n in reversed(self._children_of(p, node))])
             self.delete(p)
         return removed
 
@@ -190,14 +237,19 @@ class Transaction:
     def validate(self) -> bool:
         if self.implicit or not self.writes:
             return True
-        get = self.store.get
+        store = self.store
+        if store.gen == self.snap:
+            # Nothing committed since the snapshot: everything read is as it was (the common
+            # case: a toolstack's transactions rarely overlap), so no read needs a look.
+            return True
+        gens = store.gens
         for path, vgen in self.reads.items():
-            cur = get(path)
-            if (cur.vgen if cur is not None else None) != vgen:
+            cur = gens(path)
+            if (cur[0] if cur is not None else None) != vgen:
                 return False
         for path, cgen in self.dir_reads.items():
-            cur = get(path)
-            if cur is None or cur.cgen != cgen:
+            cur = gens(path)
+            if cur is None or cur[1] != cgen:
                 return False
         return True
 
