@@ -607,6 +607,7 @@ class Store:
         # own snapshot first): every entry is replaced, inserted or cut where it was found, and
         # no tombstone exists.  Nothing in this loop opens a snapshot or keeps a version then.
         plain = not self._snapshots and not self._old
+        users = self._users
         last_perms: Perms | None = None  # the nodes of a write set mostly share one list
         last_pid = 0
         dirs = self._dirs
@@ -674,17 +675,34 @@ class Store:
             if node_perms is not last_perms:
                 last_perms, last_pid = node_perms, self._perm_id(node_perms)
             pid = last_pid
-            if pid in self._users:
-                self._track(path, pid)
+            tracked = users.get(pid)
+            if tracked is not None:  # _track(path, pid) and _note, spelt out
+                if up == _NO_PARENT:
+                    tracked[_NO_PARENT] = None
+                elif up not in tracked:
+                    tracked[up] = {path[cut + 1 :]}
+                else:
+                    names = tracked[up]
+                    if names is not None:
+                        names.add(path[cut + 1 :])
+                        if len(names) > _NAMED:
+                            tracked[up] = None
             value = new.value
             rec = head + value + pack(gen, cgen, pid)
             o = node_perms[0].domid  # _charge(path, rec, +1), without unpacking what we packed
             owned[o] = owned.get(o, 0) + 1
             owned_bytes[o] = owned_bytes.get(o, 0) + NODE_OVERHEAD + len(path) + len(value) + 8 * len(node_perms)
-            if plain:
-                install(up, entries, sub, i, cur, rec)
-            else:
+            if not plain:
                 put(path, (up, head, entries, sub, i, found), rec, gen)
+            elif type(entries) is list:  # _install into a plain list, spelt out
+                if cur is not None:
+                    entries[i] = rec
+                else:
+                    entries.insert(i, rec)
+                    if len(entries) > _BIG:
+                        dirs[up] = SortedList(entries)
+            else:
+                install(up, entries, sub, i, cur, rec)
         for p in touched_parents:
             if p not in fresh and (p not in writes or writes[p] is not None):
                 self._child_list_changed(p, gen)
