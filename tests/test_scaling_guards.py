@@ -265,20 +265,27 @@ def test_a_domain_death_touches_only_the_nodes_naming_it() -> None:
         d0.setperms("/shared", "n0", "r5")
         mgr = DomainManager(core, object())  # type: ignore[arg-type]
         store = core.store
-        real_get = store.get
+        real_get, real_latest = store.get, store._latest
         calls = Counter[str]()
 
         def get(path: str, _real: Callable[[str], Any] = real_get, _calls: Counter[str] = calls) -> Any:
             _calls["get"] += 1
             return _real(path)
 
+        def latest(path: str, _real: Callable[[str], Any] = real_latest, _calls: Counter[str] = calls) -> Any:
+            _calls["_latest"] += 1  # naming() finds each listed name's record here
+            return _real(path)
+
         store.get = get  # type: ignore[method-assign]
+        store._latest = latest  # type: ignore[method-assign]
         mgr.remove_domain_nodes(5)
         store.get = real_get  # type: ignore[method-assign]
+        store._latest = real_latest  # type: ignore[method-assign]
         assert real_get("/local/domain/5") is None and real_get("/local/domain/5/data") is None
         assert [p.format() for p in real_get("/shared").perms] == ["n0"]
         assert real_get(f"/bulk/n{n - 1}") is not None
-        counts.append(calls["get"])
+        assert calls["get"] + calls["_latest"] > 0  # the probes see the lookups at all
+        counts.append(calls["get"] + calls["_latest"])
     assert counts[0] == counts[1], counts
 
 
