@@ -90,10 +90,13 @@ class Transaction:
             return writes[path]
         if self.implicit:
             return self.store.get(path)
-        node = self.store.get_at(path, self.snap)  # _base, spelt out: every read in a transaction
         reads = self.reads
-        if path not in reads:
-            reads[path] = node.vgen if node is not None else None
+        if path in reads:
+            if reads[path] is None:
+                return None  # absent from the snapshot, which never changes: no second search
+            return self.store.get_at(path, self.snap)
+        node = self.store.get_at(path, self.snap)
+        reads[path] = node.vgen if node is not None else None
         return node
 
     def children(self, path: str) -> list[str]:
