@@ -355,6 +355,24 @@ def test_guest_set_perms_rules(core, d0):
     assert g.err(Op.SET_PERMS, b"/other\0n5\0") == "EACCES"
 
 
+def test_set_perms_lists_spelt_again_or_malformed(d0):
+    """SET_PERMS remembers lists it parsed (toolstacks send the same few): each node still
+    gets exactly the list its request spelt, and a malformed list is refused every time."""
+    spellings = [["n0", "r5"], ["n0", "r5", "w6"], ["n0", "r5"], ["n7"], ["n0", "r5", "w6"]]
+    for i, entries in enumerate(spellings):
+        d0.write(f"/x{i}", "")
+        d0.setperms(f"/x{i}", *entries)
+    tx = d0.start()
+    d0.write("/t", "", tx)
+    d0.setperms("/t", "n0", "r5", "w6", tx=tx)
+    d0.end(tx)
+    assert [d0.getperms(f"/x{i}") for i in range(len(spellings))] == spellings
+    assert d0.getperms("/t") == ["n0", "r5", "w6"]
+    for _ in range(2):
+        assert d0.err(Op.SET_PERMS, b"/x0\0n0\0q5\0") == "EINVAL"
+    assert d0.getperms("/x0") == ["n0", "r5"]
+
+
 def test_privileged_ops_refused_to_guests(core):
     g = guest(core, 5)
     for op in (Op.CONTROL, Op.INTRODUCE, Op.RELEASE, Op.IS_DOMAIN_INTRODUCED, Op.SET_TARGET, Op.SET_QUOTA):

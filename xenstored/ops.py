@@ -160,13 +160,18 @@ def create_node(core: Core, conn: Connection, txn: Transaction, path: str, value
         if anc is not None:
             break
         missing.append(p)
-    new_perms, size = _check_creation(core, conn, txn, missing, value, anc.perms)
-    if not conn.privileged:
+    if conn.privileged:  # what _check_creation says then: the ancestor's list, nothing counted
+        new_perms = anc.perms
+    else:
+        new_perms, size = _check_creation(core, conn, txn, missing, value, anc.perms)
         txn.owned_delta += len(missing)
         if not txn.implicit:
             txn.mem += size
-    for p in reversed(missing):
-        txn.put(p, value if p == path else b"", new_perms, existed=False)
+    if len(missing) == 1:
+        txn.put(path, value, new_perms, existed=False)
+    else:
+        for p in reversed(missing):
+            txn.put(p, value if p == path else b"", new_perms, existed=False)
     txn.note_change(path, exact=False, old=None, new=new_perms)
 
 
