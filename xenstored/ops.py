@@ -33,6 +33,7 @@ from .wire import (
     Op,
     XsError,
     atoi,
+    error_payload,
     parse_domid,
     single_arg,
     split_args,
@@ -827,7 +828,7 @@ def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:
             error = "E2BIG"
     conn.requests += 1
     if error is not None:
-        payload = error.encode() + b"\0"
+        payload = error_payload(error)
         type_ = Op.ERROR
         errors = core.metrics.errors
         key = conn.domid << 4 | ERROR_INDEX[error]
@@ -844,7 +845,7 @@ def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:
         else:
             conn.error(msg, error)
         return b""
-    return HEADER.pack(type_, req_id, 0, len(payload)) + payload
+    return HEADER.pack(type_, req_id, 0, len(payload)) + payload  # wire.encode, spelt out: hot
 
 
 def _check_transaction_nodes(core: Core, conn: Connection, txn: Transaction) -> None:
