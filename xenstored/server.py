@@ -120,7 +120,7 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
         """Send what the socket takes without waiting; True if everything went."""
         if not has_output():
             return True
-        core.durable()  # a reply is visible only once what it acknowledges is journaled
+        durable()  # a reply is visible only once what it acknowledges is journaled
         while True:
             try:
                 n = send(peek(SEND_CHUNK))
