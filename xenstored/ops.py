@@ -806,10 +806,8 @@ def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:
     if len(data) < HEADER_SIZE:
         return None
     type_, req_id, tx_id, length = HEADER.unpack_from(data)
-    if tx_id or length + HEADER_SIZE != len(data) or not conn.answerable():
-        return None
     in_place = IN_PLACE.get(type_)
-    if in_place is None:
+    if in_place is None or tx_id or length + HEADER_SIZE != len(data) or not conn.answerable():
         return None
     start = perf_counter_ns()
     msg = Message(type_, req_id, 0, data[HEADER_SIZE:])
