@@ -367,3 +367,33 @@ def test_a_failure_of_the_hub_itself_is_logged_and_it_serves_on(monkeypatch: pyt
     hub = echo_through_hub(lambda sock: sequential_peer(sock, 50, replies))
     assert hub.failures == 1
     assert replies == [b"REQ%d" % i for i in range(50)]
+
+
+def test_a_far_deadline_is_waited_for_a_day_at_a_time() -> None:
+    """A finite deadline beyond what epoll_wait takes (a task sleeping 1e300 s) is waited for in
+    pieces: handed to epoll whole it raises OverflowError, and the idle loop would fail on
+    every pass instead of serving."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(5)
+    closed: list[int] = []
+    out: list[bytes] = []
+
+    async def main() -> Hub:
+        hub = Hub()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            nursery.start_soon(trio.sleep, 1e300)
+            hub.add(a.fileno(), echo_handler(a, hub, closed), fail)
+            await trio.to_thread.run_sync(sequential_peer, b, 50, out)
+            nursery.cancel_scope.cancel()
+        return hub
+
+    try:
+        hub = trio.run(main)
+    finally:
+        a.close()
+        b.close()
+    assert out == [b"REQ%d" % i for i in range(50)]
+    assert hub.failures == 0
+    assert hub.served_idle > 0

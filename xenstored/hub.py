@@ -53,6 +53,9 @@ IDLE_ROUNDS = 4096
 # long it then waits through trio before it tries for idle again (a quiet hub after a busy spell).
 BUSY_AFTER = 0.001
 IDLE_RETRY = 0.02
+# The longest single epoll_wait of the idle loop (trio's own cap): a far but finite deadline
+# (a sleep of 1e300 s) is waited for a day at a time, never handed to epoll whole.
+MAX_TIMEOUT = 86400.0
 
 
 class TrioInternals:
@@ -213,6 +216,8 @@ class Hub:
                 timeout = limit - perf_counter()
                 if timeout <= 0:
                     return  # a deadline is due: trio expires it
+                if timeout > MAX_TIMEOUT:  # epoll refuses a timeout past time_t (OverflowError)
+                    timeout = MAX_TIMEOUT
             events = poll(timeout, MAX_EVENTS)
             if not events:
                 return  # the same, found by the timeout
