@@ -216,8 +216,7 @@ class Hub:
                 timeout = limit - perf_counter()
                 if timeout <= 0:
                     return  # a deadline is due: trio expires it
-                if timeout > MAX_TIMEOUT:  # epoll refuses a timeout past time_t (OverflowError)
-                    timeout = MAX_TIMEOUT
+                timeout = min(timeout, MAX_TIMEOUT)  # epoll refuses one past time_t (OverflowError)
             events = poll(timeout, MAX_EVENTS)
             if not events:
                 return  # the same, found by the timeout
