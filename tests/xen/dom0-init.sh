@@ -39,7 +39,9 @@ dump() {  # dump <label> <file>: a bounded excerpt, framed so the host can find 
 
 finish() {
     : > /run/xsvm-finished  # the daemon's watch stops (it may be the one calling this)
-    mark "PLATFORM dom0-segfaults=$(dmesg | grep -c segfault)"
+    # A general protection fault counts too: the platform's wild pointers fault either way
+    # (busybox's malloc has been seen to take a GP on one, which the kernel does not call a segfault).
+    mark "PLATFORM dom0-segfaults=$(dmesg | grep -cE 'segfault|general protection fault')"
     if [ -n "$FAILED" ]; then
         mark "VERDICT FAIL $FAILED"
         dump xenstored /run/xenstored.log 80
