@@ -303,9 +303,30 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
     roundtrip lu-guest-roundtrip
 }
 
+# xs_clients: dom0's processes other than the daemon that hold a socket, "comm[pid]xN" (N
+# sockets).  dom0 runs nothing else that uses sockets, so these are XenStore's socket clients:
+# listed at a crash-restart's kill and after it, they show which long-lived clients a real host
+# loses with the daemon (a client whose libxenstore reader thread saw the connection end closes
+# its fd: its count drops).  Two process starts only (ls, awk): every start risks the platform's
+# crash (README, Reliability).
+xs_clients() {
+    ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v me="$XSD_PID" '
+        /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); p = a[3]; next }
+        / socket:\[/ { n[p]++ }
+        END { for (p in n) if (p != me) print p, n[p] }' > /tmp/xs-clients 2>/dev/null
+    out=""
+    while read -r p k; do
+        c="?"; [ -r /proc/$p/comm ] && read -r c < /proc/$p/comm
+        out="$out $c[$p]x$k"
+    done < /tmp/xs-clients
+    echo "${out# }"
+}
+
 crash_restart() {  # kill -9 the daemon under a running guest; the same command brings it back
     ta=$(now)
+    cl0=$(xs_clients)
     restart_daemon; n=$(timeout 5 xenstore-read /local/domain/0/name 2>&1)
+    mark "NOTE crash-restart: socket clients at the kill: $cl0; after it: $(xs_clients)"
     restart_xenconsoled
     kill $W 2>/dev/null  # dom0's watcher lost its socket connection with the daemon
     tb=$(now)
@@ -345,8 +366,10 @@ stage_crash_devices() {  # the device run's crash-restart: disk and vif connecte
     fi
     gcmd 60 'sha256sum /dev/xvda'; before=${GOUT%% *}  # vbd-write changed the disk: now, then
     ta=$(now)
+    cl0=$(xs_clients)
     restart_daemon || { dfail crash-restart "the restarted daemon did not answer"; GUEST_LOST=1; return; }
     tr=$(since $ta)
+    mark "NOTE crash-restart: socket clients at the kill: $cl0; after it: $(xs_clients)"
     restart_xenconsoled
     gcmd 60 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/xvda'; rc=$?  # the guest's xenbus, then blkfront
     sum=${GOUT%% *}

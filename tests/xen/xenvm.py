@@ -536,6 +536,8 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
             print(f"xenvm: guest lost at t={ln.t:6.1f}s: {ln.text[len('XSVM GUEST-LOST '):]}")
         elif ln.text.startswith("XSVM DAEMON-DIED "):  # dom0's watch on the daemon's process
             print(f"xenvm: daemon died at t={ln.t:6.1f}s: {ln.text[len('XSVM DAEMON-DIED '):]}")
+        elif ln.text.startswith("XSVM NOTE "):  # facts a stage records without judging them
+            print(f"xenvm: note at t={ln.t:6.1f}s: {ln.text[len('XSVM NOTE '):]}")
     prev = 0.0
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
