@@ -96,9 +96,12 @@ ok share ""
 # HP_EXEC=exec host_python ... &: the background job *is* the interpreter (for the daemon, whose
 # pid is what kill -9 and the watch below need); without exec, busybox runs the command as a
 # child of the job's subshell, and $! names that subshell.
+# PYTHONFAULTHANDLER: an interpreter killed by a fault first writes every thread's Python stack
+# to stderr (the daemon's log, dumped by daemon_watch): where in the daemon's code it faulted,
+# which tells a fault in its own ctypes or mmap work from one in plain Python (the platform's).
 host_python() {  # the host's interpreter and this checkout, chrooted into the read-only share
     $HP_EXEC chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
-        PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
+        PYTHONDONTWRITEBYTECODE=1 PYTHONFAULTHANDLER=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
 }
 if [ -n "$XSVM_PROBE" ]; then  # --probe FILE: a diagnostic script, run before the daemon starts
     echo "XSVM-DUMP-BEGIN probe"; host_python "$XSVM_PROBE" 2>&1; echo "XSVM-DUMP-END probe"
@@ -137,7 +140,9 @@ echo $XSD_PID > /run/xsd.pid
 daemon_watch() {
     mkfifo /run/xsd-watch.fifo && exec 8<> /run/xsd-watch.fifo  # read -t on it: a sleep
     while :; do
-        read -t 1 _ <&8
+        # every 0.25 s: the mark's time stands for the death's (the host pairs a fault of the
+        # daemon with another process's fault just before it, xenvm.py's DEATH_NOTICED_WITHIN)
+        read -t 0.25 _ <&8
         [ -e /run/xsvm-finished ] && return
         read -r p < /run/xsd.pid
         case "$p" in '' | *[!0-9]*) continue ;; esac  # being restarted (crash-restart stages)
@@ -146,11 +151,16 @@ daemon_watch() {
         [ "$q" = "$p" ] || continue  # restarted meanwhile
         mark "DAEMON-DIED pid $p (state '${st:-reaped}'); its log's last lines and the kernel's lines about it follow"
         {
-            tail -n 30 /run/xenstored.log
+            # faulthandler's report (PYTHONFAULTHANDLER, above) when it died of a fault
+            if grep -q '^Fatal Python error' /run/xenstored.log; then
+                sed -n '/^Fatal Python error/,$p' /run/xenstored.log | head -n 60
+            else
+                tail -n 30 /run/xenstored.log
+            fi
             echo "== dmesg"; dmesg | grep -iE "\[$p\]|segfault|general protection|traps:|oom" | tail -n 10
             echo "== trace"; tail -n 15 /run/xenstored-trace.log
         } > /tmp/daemon-died 2>&1
-        dump daemon-died /tmp/daemon-died 70
+        dump daemon-died /tmp/daemon-died 100
         i=0
         while [ $i -lt 90 ]; do
             read -t 1 _ <&8; [ -e /run/xsvm-finished ] && return; i=$((i + 1))

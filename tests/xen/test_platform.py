@@ -76,3 +76,25 @@ def test_the_daemons_own_two_faults_are_not_a_pair() -> None:
 def test_a_dom0_process_segfault_without_daemon_death_is_the_platform() -> None:
     res = result("XSVM STAGE vbd-read FAIL exit 139 t=40", "Segmentation fault")
     assert platform_crashes(res) == ["Segmentation fault"]
+
+
+def test_faulthandlers_report_dates_the_daemons_fault_by_dom0s_mark() -> None:
+    # Under faulthandler the kernel logs no line for the daemon: dom0's mark (t=22.47, polled
+    # every 0.25 s) says when, so the busybox fault at 22.02 s is at most 0.45 s before it.
+    res = result(DIED, "XSVM-DUMP-BEGIN daemon-died", "Fatal Python error: Segmentation fault", "",
+                 "Current thread 0x00007f9dd2232b80 (most recent call first):", "== dmesg", BUSYBOX_GP)
+    crashes = platform_crashes(res)
+    assert len(crashes) == 1
+    assert "died of a segmentation fault at most 0.45s (dom0 noticed at 22.47s) after exe (pid 415)" in crashes[0]
+
+
+def test_faulthandlers_report_with_no_fault_close_before_it_is_the_daemons() -> None:
+    long_before = "[   19.000000] traps: exe[415] general protection fault ip:433f4b sp:7ffc error:0 in busybox"
+    res = result(DIED, "Fatal Python error: Segmentation fault", long_before)
+    assert platform_crashes(res) == []
+
+
+def test_a_fatal_error_before_the_mark_is_not_this_deaths() -> None:
+    # (an earlier daemon process's report, say, appended to the same log)
+    res = result("Fatal Python error: Aborted", DIED, BUSYBOX_GP)
+    assert platform_crashes(res) == []

@@ -598,10 +598,17 @@ KERNEL_FAULT_RE = re.compile(
     r"^\[\s*(\d+\.\d+)\] (?:traps: )?(\S+?)\[(\d+)\]:? "
     r"(general protection fault|segfault at|trap invalid opcode|trap stack segment|trap divide error)"
 )
-DAEMON_DIED_RE = re.compile(r"^XSVM DAEMON-DIED pid (\d+)")
+DAEMON_DIED_RE = re.compile(r"^XSVM DAEMON-DIED pid (\d+).* t=([\d.]+)$")
+# faulthandler's first line (dom0 runs the daemon with PYTHONFAULTHANDLER=1).  Its handler makes
+# the fault a handled one, so the kernel then logs no "segfault at" line for the daemon.
+PY_FAULT_RE = re.compile(r"^Fatal Python error: (Segmentation fault|Bus error|Illegal instruction|"
+                         r"Floating point exception|Aborted)")
 # How close before the daemon's fault another process's fault must be for both to count as one
 # corruption of the platform's memory: measured 0.04 s apart (see daemon_died_with_platform).
 CORRUPTION_WINDOW = 2.0
+# When only faulthandler tells of the daemon's fault, its time is dom0's DAEMON-DIED mark: dom0
+# polls the daemon's process every 0.25 s, so the fault came at most this much before the mark.
+DEATH_NOTICED_WITHIN = 0.5
 
 
 def platform_crashes(res: Result) -> list[str]:
@@ -615,24 +622,39 @@ def platform_crashes(res: Result) -> list[str]:
 
 def daemon_died_with_platform(res: Result) -> list[str]:
     """The daemon died of a fault *and* another dom0 process had faulted at most
-    CORRUPTION_WINDOW seconds before it (kernel time): that pair, as one line; else nothing.
+    CORRUPTION_WINDOW seconds before it: that pair, as one line; else nothing.
 
     Seen in the device run: busybox (pid 415) took a general protection fault in glibc's
     malloc (a wild unsorted-bin pointer, the platform's usual corruption, see README) and the
     daemon, 0.04 s later, one inside libpython.  A bug of the daemon can corrupt only its own
     memory (its ctypes calls and the ring pages it maps; another process's heap is out of its
     reach), and its death cannot cause a fault that came before it: such a pair is the
-    platform's.  The daemon dying alone, of a fault or of an exception, is never retried."""
-    pids = {m.group(1) for ln in res.lines if (m := DAEMON_DIED_RE.match(ln.text))}
+    platform's.  The daemon dying alone, of a fault or of an exception, is never retried.
+
+    The daemon's fault is the kernel's line for its pid (kernel time) or, under faulthandler,
+    which suppresses that line, faulthandler's report after the DAEMON-DIED mark (the fault
+    then came between DEATH_NOTICED_WITHIN before the mark and the mark, dom0's uptime)."""
+    died = [(m.group(1), float(m.group(2)), i) for i, ln in enumerate(res.lines) if (m := DAEMON_DIED_RE.match(ln.text))]
+    if not died:
+        return []
+    pids = {pid for pid, _, _ in died}
     faults = [(float(m.group(1)), m.group(2), m.group(3), m.group(4), ln.text)
               for ln in res.lines if (m := KERNEL_FAULT_RE.match(ln.text))]
-    for t_d, _name, pid, kind, _text in faults:
-        if pid not in pids:
-            continue
-        before = [f for f in faults if f[2] not in pids and 0 <= t_d - f[0] <= CORRUPTION_WINDOW]
+    others = [f for f in faults if f[2] not in pids]
+    # (daemon pid, kind of fault, earliest and latest time it can have happened)
+    daemon_faults = [(pid, kind, t, t) for t, _name, pid, kind, _ in faults if pid in pids]
+    if not daemon_faults:
+        pid, t_mark, i = died[0]
+        py = next((m.group(1) for ln in res.lines[i:] if (m := PY_FAULT_RE.match(ln.text))), None)
+        if py is not None:
+            daemon_faults = [(pid, py.lower(), t_mark - DEATH_NOTICED_WITHIN, t_mark)]
+    for pid, kind, t_first, t_last in daemon_faults:
+        before = [f for f in others if t_first - CORRUPTION_WINDOW <= f[0] <= t_last]
         if before:
             t_o, name, opid, okind, text = before[-1]
-            note = (f"the daemon (pid {pid}) died of a {kind} {t_d - t_o:.2f}s after {name} (pid {opid}) "
+            when = (f"{t_last - t_o:.2f}s" if t_first == t_last
+                    else f"at most {t_last - t_o:.2f}s (dom0 noticed at {t_last:.2f}s)")
+            note = (f"the daemon (pid {pid}) died of a {kind} {when} after {name} (pid {opid}) "
                     f"took a {okind}: {text}")
             return [note]
     return []
