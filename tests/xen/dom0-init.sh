@@ -420,8 +420,17 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
     wait_for /tmp/gcmd.w cmd-reply 10 || echo "cmd $((SEQ)) (dom$D): dom0's cmd-reply watch not registered within 10 s" >> /tmp/gcmd.log
     gt=$(now)
     # xenstore-read escapes a newline as \n: the guest gets the command on one line
-    xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
-        { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
+    c="$SEQ:$(echo "$2" | tr '\n' ' ')"
+    xenstore-write $dp/data/cmd "$c"; ws=$?
+    if [ $ws -gt 128 ]; then
+        # Killed by the platform's crash (README), maybe after its write went through (seen: a
+        # restore's first command ran in the guest while dom0's xenstore-write had died of a
+        # segfault): write again; the guest runs each sequence number once.
+        sig_note $ws "xenstore-write data/cmd (cmd $SEQ)"
+        echo "cmd $SEQ (dom$D): xenstore-write killed by signal $((ws - 128)), written again" >> /tmp/gcmd.log
+        xenstore-write $dp/data/cmd "$c"; ws=$?
+    fi
+    [ $ws = 0 ] || { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed (exit $ws)"; return 125; }
     i=0; how=watch
     while [ $i -lt $(($1 * 2)) ]; do
         wait $GW 2>/dev/null  # returns when the reply changed, at the timeout, or at once later

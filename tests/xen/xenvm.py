@@ -575,6 +575,9 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
 PLATFORM_RE = re.compile(
     r"segfault at [0-9a-f]+ ip|^Segmentation fault$|^Aborted$|^Illegal instruction$|"
     r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]|"
+    # the dynamic loader tripping over its own data (an assertion in dl-version.c, seen cut to
+    # 100 characters in a guest's log line, which loses the "' failed" above)
+    r"Inconsistency detected by ld\.so: |"
     # glibc's heap checks (seen from processes the hotplug scripts start)
     r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
     r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)|"
