@@ -58,6 +58,15 @@ finish() {
         mark "VERDICT PASS"
         [ -n "$XSVM_VERBOSE" ] && dump xenstored /run/xenstored.log 200
     fi
+    if [ -n "$CANARY" ]; then  # XS_XENVM_CANARY=1 (canary.py): did the control process survive?
+        if alive $CANARY; then
+            mark "NOTE canary alive (pid $CANARY): $(tail -n 1 /run/canary.log)"
+        else
+            mark "NOTE canary DIED (pid $CANARY): $(grep -m 1 '^Fatal Python error' /run/canary.log); last heartbeat: $(grep 'canary: ' /run/canary.log | tail -n 1)"
+            dump canary /run/canary.log 40
+            dmesg | grep -E "\[$CANARY\]" > /tmp/canary.dmesg; dump canary-dmesg /tmp/canary.dmesg
+        fi
+    fi
     [ -n "$XSVM_SHELL" ] && sh
     sync
     poweroff -f
@@ -867,6 +876,11 @@ run_guest() {  # run_guest pv|pvh
     fi
 }
 
+CANARY=""
+if [ -n "$XSVM_CANARY" ]; then  # a plain-Python control beside the daemon (canary.py, README)
+    HP_EXEC=exec host_python "$XSVM_CANARY" > /run/canary.log 2>&1 &
+    CANARY=$!
+fi
 [ -n "$XSVM_DEVICES" ] && devices_setup
 for g in $XSVM_GUESTS; do
     [ -z "$FAILED" ] && run_guest $g

@@ -712,6 +712,8 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_PROBE": str(Path(probe).resolve()) if probe else "",
         # Read by dom0 through the host's root, like the daemon: a lost guest's ring (see README).
         "XSVM_RINGDUMP": str(HERE / "ringdump.py"),
+        # XS_XENVM_CANARY=1: a plain-Python control process beside the daemon (canary.py)
+        "XSVM_CANARY": str(HERE / "canary.py") if os.environ.get("XS_XENVM_CANARY") else "",
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
         "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
         "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
