@@ -98,3 +98,26 @@ def test_a_fatal_error_before_the_mark_is_not_this_deaths() -> None:
     # (an earlier daemon process's report, say, appended to the same log)
     res = result("Fatal Python error: Aborted", DIED, BUSYBOX_GP)
     assert platform_crashes(res) == []
+
+
+RESTARTED_DIED = "XSVM DAEMON-DIED pid 586 (state 'reaped'); its log's last lines and the kernel's lines about it follow t=59.50"
+
+
+def test_two_threads_with_one_id_in_the_daemons_report_is_the_platform() -> None:
+    # run 13: the restarted daemon aborted in its new journal thread, alone (the nearest other
+    # fault 10 s before), and faulthandler listed both threads under the main thread's id
+    res = result(RESTARTED_DIED, "XSVM-DUMP-BEGIN daemon-died", "Fatal Python error: Aborted", "",
+                 "Thread 0x00007ff9a8786b80 (most recent call first):", "  <no Python frame>", "",
+                 "Thread 0x00007ff9a8786b80 (most recent call first):",
+                 '  File "/usr/lib/python3.11/threading.py", line 327 in wait', "== dmesg",
+                 "[   49.045105] exe[539]: segfault at 8 ip 0000000000433f4b sp 00007fffe3d89ae0 error 4 in busybox")
+    crashes = platform_crashes(res)
+    assert len(crashes) == 1 and "whose id 0x00007ff9a8786b80 is another thread's too" in crashes[0]
+
+
+def test_distinct_thread_ids_in_the_daemons_report_are_not_the_platform() -> None:
+    res = result(RESTARTED_DIED, "Fatal Python error: Segmentation fault", "",
+                 "Thread 0x00007fb483fbd6c0 (most recent call first):", '  File "journal.py", line 328 in _run', "",
+                 "Current thread 0x00007fb48543cb80 (most recent call first):",
+                 '  File "logging/__init__.py", line 1601 in makeRecord', "== dmesg")
+    assert platform_crashes(res) == []

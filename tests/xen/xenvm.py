@@ -606,6 +606,9 @@ DAEMON_DIED_RE = re.compile(r"^XSVM DAEMON-DIED pid (\d+).* t=([\d.]+)$")
 # the fault a handled one, so the kernel then logs no "segfault at" line for the daemon.
 PY_FAULT_RE = re.compile(r"^Fatal Python error: (Segmentation fault|Bus error|Illegal instruction|"
                          r"Floating point exception|Aborted)")
+# A thread's header in faulthandler's report: its id is pthread_self(), read through the thread's
+# own TLS pointer (the FS segment base) when the thread started.
+PY_THREAD_RE = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):")
 # How close before the daemon's fault another process's fault must be for both to count as one
 # corruption of the platform's memory: measured 0.04 s apart (see daemon_died_with_platform).
 CORRUPTION_WINDOW = 2.0
@@ -651,6 +654,12 @@ def daemon_died_with_platform(res: Result) -> list[str]:
         py = next((m.group(1) for ln in res.lines[i:] if (m := PY_FAULT_RE.match(ln.text))), None)
         if py is not None:
             daemon_faults = [(pid, py.lower(), t_mark - DEATH_NOTICED_WITHIN, t_mark)]
+    shared = shared_thread_id(res, died[0][2])
+    if shared:
+        note = (f"the daemon (pid {died[0][0]}) died of a fault in a thread whose id {shared} is another "
+                f"thread's too (faulthandler's report): it ran on that thread's TLS, which no code of "
+                f"the daemon can cause")
+        return [note]
     for pid, kind, t_first, t_last in daemon_faults:
         before = [f for f in others if t_first - CORRUPTION_WINDOW <= f[0] <= t_last]
         if before:
@@ -661,6 +670,32 @@ def daemon_died_with_platform(res: Result) -> list[str]:
                     f"took a {okind}: {text}")
             return [note]
     return []
+
+
+def shared_thread_id(res: Result, start: int) -> str | None:
+    """A thread id that two threads share in the first faulthandler report after line ``start``
+    (the DAEMON-DIED mark), or None.
+
+    Seen once: the restarted daemon aborted in ``malloc(): corrupted top size`` while starting
+    its journal thread, and the report listed that new thread and the main thread under one id.
+    The id is pthread_self(), which a thread reads through its FS base; glibc gives each thread
+    its own, through clone(), so two threads with one id mean the new thread ran on the main
+    thread's TLS (its malloc state included): the FS-base confusion that also explains the
+    platform's wild TLS and heap pointers in other processes (README, Reliability)."""
+    ids: list[str] = []
+    inside = False
+    for ln in res.lines[start:]:
+        if PY_FAULT_RE.match(ln.text):
+            if inside:
+                break  # a second report: only the first one counts
+            inside = True
+        elif inside and (ln.text.startswith(("== ", "XSVM")) or ln.text.startswith("(XEN)")):
+            break
+        elif inside and (m := PY_THREAD_RE.match(ln.text)):
+            if m.group(1) in ids:
+                return m.group(1)
+            ids.append(m.group(1))
+    return None
 
 
 def print_excerpts(res: Result) -> None:
