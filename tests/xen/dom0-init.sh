@@ -122,6 +122,14 @@ if [ -n "$XSVM_PYTIME" ]; then  # XS_XENVM_PYTIME=1: what the daemon's start-up 
     done
 fi
 
+# A plain-Python control beside the daemon (XS_XENVM_CANARY=1, canary.py, README): started
+# before daemon_watch, whose finish() must know it too when the daemon dies.
+CANARY=""
+if [ -n "$XSVM_CANARY" ]; then
+    HP_EXEC=exec host_python "$XSVM_CANARY" > /run/canary.log 2>&1 &
+    CANARY=$!
+fi
+
 # --- the system XenStore
 # A request queued in dom0's kernel ring before the daemon runs: what any libxenstore client
 # sends when the daemon's socket does not accept its connect() yet (xs_open() then falls back to
@@ -386,6 +394,9 @@ stage_crash_devices() {  # the device run's crash-restart: disk and vif connecte
     gcmd 60 'sha256sum /dev/xvda'; before=${GOUT%% *}  # vbd-write changed the disk: now, then
     ta=$(now)
     cl0=$(xs_clients)
+    # From the kill on, xl's monitor of this domain hears no watch event again (README: Crash
+    # stages): nothing acts on its shutdown or reboot until a restore starts a new monitor.
+    MONITOR_LOST="xl's monitor of dom$D lost its XenStore connection in crash-restart"
     restart_daemon || { dfail crash-restart "the restarted daemon did not answer"; GUEST_LOST=1; return; }
     tr=$(since $ta)
     mark "NOTE crash-restart: socket clients at the kill: $cl0; after it: $(xs_clients)"
@@ -417,6 +428,7 @@ BE=/local/domain/0/backend
 
 SEQ=0
 GUEST_LOST=""
+MONITOR_LOST=""  # set when a crash-restart left xl's monitor of the guest deaf
 sig_note() {  # sig_note <status> <what>: a tool killed by a signal is the platform's crash (README)
     case "$1" in 132 | 134 | 135 | 139) mark "PLATFORM $2 killed by signal $(($1 - 128))" ;; esac
 }
@@ -712,6 +724,7 @@ stage_restore() {
     tx=$(since $ta)
     D=$(xl domid $name 2>/dev/null); dp=/local/domain/$D
     if [ $rc != 0 ] || [ -z "$D" ]; then dfail restore "xl restore exit $rc in ${tx}s"; GUEST_LOST=1; return; fi
+    MONITOR_LOST=""  # xl restore leaves a new monitor for the restored domain
     gcmd 60 'echo "$KEEP $(cat /tmp/keep) domid=$(xenstore-read domid)"; dd if=/dev/xvda bs=512 skip=64 count=1 2>/dev/null | head -c 40; echo'
     grc=$?; gout=$GOUT
     v1=$(echo "$gout" | awk '{print $1}'); v2=$(echo "$gout" | awk '{print $2}')
@@ -734,7 +747,7 @@ stage_reboot() {
     sig_note $rc "xl reboot"
     new=$(new_domid $old 120)
     if [ $rc != 0 ] || [ -z "$new" ]; then
-        dfail reboot "xl reboot exit $rc, domid still '$(xl domid $name 2>&1)' after $(since $ta)s"; GUEST_LOST=1; return
+        dfail reboot "xl reboot exit $rc, domid still '$(xl domid $name 2>&1)' after $(since $ta)s${MONITOR_LOST:+ ($MONITOR_LOST: nothing restarts the domain)}"; GUEST_LOST=1; return
     fi
     D=$new; dp=/local/domain/$D
     if ! wait_node 120 $dp/data/guest-up 'boot='; then
@@ -758,12 +771,21 @@ stage_shutdown() {
     sig_note $rc "xl shutdown"
     tx=$(since $ta)
     released shutdown 20; rel=$?
+    how="xl's monitor destroyed it"
+    if [ -n "$MONITOR_LOST" ] && [ $rc = 0 ]; then
+        # The guest powered off, but the monitor that would destroy it is deaf (measured: it
+        # stays shut down, "---s--", for ever): what a real host must do by hand after a
+        # XenStore restart (README: Crash stages).  The daemon's part is checked all the same:
+        # the domain's nodes and backends go when it is destroyed.
+        timeout 30 xl destroy $D > /tmp/xl-destroy.log 2>&1
+        how="destroyed by hand with xl destroy: $MONITOR_LOST"
+    fi
     wait_gone 10 $BE/vbd/$D $BE/vif/$D $dp; gone=$?
     leftover=$(for k in vbd vif; do xenstore-list $BE/$k 2>/dev/null; done | tr '\n' ' ')
     if [ $rc = 0 ] && [ $rel = 0 ] && [ $gone = 0 ] && [ -z "$leftover" ]; then
-        ok shutdown "clean xl shutdown in ${tx}s (guest powered off through control/shutdown), @releaseDomain fired, $BE/vbd/$D, $BE/vif/$D, $dp gone"
+        ok shutdown "clean xl shutdown in ${tx}s (guest powered off through control/shutdown), @releaseDomain fired, $BE/vbd/$D, $BE/vif/$D, $dp gone ($how)"
     else
-        dfail shutdown "xl shutdown exit $rc in ${tx}s, @releaseDomain fired=$((1 - rel)), gone=$((1 - gone)) ($left), backends left: '$leftover'"
+        dfail shutdown "xl shutdown exit $rc in ${tx}s, @releaseDomain fired=$((1 - rel)), gone=$((1 - gone)) ($left), backends left: '$leftover' ($how)"
     fi
 }
 
@@ -876,11 +898,6 @@ run_guest() {  # run_guest pv|pvh
     fi
 }
 
-CANARY=""
-if [ -n "$XSVM_CANARY" ]; then  # a plain-Python control beside the daemon (canary.py, README)
-    HP_EXEC=exec host_python "$XSVM_CANARY" > /run/canary.log 2>&1 &
-    CANARY=$!
-fi
 [ -n "$XSVM_DEVICES" ] && devices_setup
 for g in $XSVM_GUESTS; do
     [ -z "$FAILED" ] && run_guest $g
