@@ -427,6 +427,8 @@ VBD_B=51728   # xvdb = 202:16
 BE=/local/domain/0/backend
 
 SEQ=0
+NL="
+"
 GUEST_LOST=""
 MONITOR_LOST=""  # set when a crash-restart left xl's monitor of the guest deaf
 sig_note() {  # sig_note <status> <what>: a tool killed by a signal is the platform's crash (README)
@@ -440,8 +442,10 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
     GW=$!
     wait_for /tmp/gcmd.w cmd-reply 10 || echo "cmd $((SEQ)) (dom$D): dom0's cmd-reply watch not registered within 10 s" >> /tmp/gcmd.log
     gt=$(now)
-    # xenstore-read escapes a newline as \n: the guest gets the command on one line
-    c="$SEQ:$(echo "$2" | tr '\n' ' ')"
+    # xenstore-read escapes a newline as \n: the guest gets the command on one line.  Joined by
+    # the shell itself, not `echo | tr`: a tr killed by the platform's crash sent the guest an
+    # empty command once (the crash-restart's checksum before the kill came back empty).
+    c="$SEQ:${2//$NL/ }"
     xenstore-write $dp/data/cmd "$c"; ws=$?
     if [ $ws -gt 128 ]; then
         # Killed by the platform's crash (README), maybe after its write went through (seen: a
