@@ -121,3 +121,14 @@ def test_distinct_thread_ids_in_the_daemons_report_are_not_the_platform() -> Non
                  "Current thread 0x00007fb48543cb80 (most recent call first):",
                  '  File "logging/__init__.py", line 1601 in makeRecord', "== dmesg")
     assert platform_crashes(res) == []
+
+
+def test_a_corrupt_command_name_in_the_guests_shell_is_the_platform() -> None:
+    # run 24: the guest's /init ran "xestore-watch" for xenstore-watch; its first watch was lost
+    line = "guest: a watcher said: /init: line 61: xestore-watch: not found"
+    assert platform_crashes(result("XSVM STAGE pv-guest-checks FAIL FAIL no-initial-watch-event t=43.10", line)) == [line]
+
+
+def test_xenstore_watch_really_missing_in_the_guest_is_not_the_platform() -> None:
+    line = "guest: a watcher said: /init: line 61: xenstore-watch: not found"
+    assert platform_crashes(result(line)) == []
