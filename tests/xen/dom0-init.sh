@@ -39,7 +39,9 @@ dump() {  # dump <label> <file>: a bounded excerpt, framed so the host can find 
 
 finish() {
     : > /run/xsvm-finished  # the daemon's watch stops (it may be the one calling this)
-    mark "PLATFORM dom0-segfaults=$(dmesg | grep -c segfault)"
+    # A general protection fault counts too: the platform's wild pointers fault either way
+    # (busybox's malloc has been seen to take a GP on one, which the kernel does not call a segfault).
+    mark "PLATFORM dom0-segfaults=$(dmesg | grep -cE 'segfault|general protection fault')"
     if [ -n "$FAILED" ]; then
         mark "VERDICT FAIL $FAILED"
         dump xenstored /run/xenstored.log 80
@@ -55,6 +57,15 @@ finish() {
     else
         mark "VERDICT PASS"
         [ -n "$XSVM_VERBOSE" ] && dump xenstored /run/xenstored.log 200
+    fi
+    if [ -n "$CANARY" ]; then  # XS_XENVM_CANARY=1 (canary.py): did the control process survive?
+        if alive $CANARY; then
+            mark "NOTE canary alive (pid $CANARY): $(tail -n 1 /run/canary.log)"
+        else
+            mark "NOTE canary DIED (pid $CANARY): $(grep -m 1 '^Fatal Python error' /run/canary.log); last heartbeat: $(grep 'canary: ' /run/canary.log | tail -n 1)"
+            dump canary /run/canary.log 40
+            dmesg | grep -E "\[$CANARY\]" > /tmp/canary.dmesg; dump canary-dmesg /tmp/canary.dmesg
+        fi
     fi
     [ -n "$XSVM_SHELL" ] && sh
     sync
@@ -94,9 +105,12 @@ ok share ""
 # HP_EXEC=exec host_python ... &: the background job *is* the interpreter (for the daemon, whose
 # pid is what kill -9 and the watch below need); without exec, busybox runs the command as a
 # child of the job's subshell, and $! names that subshell.
+# PYTHONFAULTHANDLER: an interpreter killed by a fault first writes every thread's Python stack
+# to stderr (the daemon's log, dumped by daemon_watch): where in the daemon's code it faulted,
+# which tells a fault in its own ctypes or mmap work from one in plain Python (the platform's).
 host_python() {  # the host's interpreter and this checkout, chrooted into the read-only share
     $HP_EXEC chroot /host /usr/bin/env -i PATH=/usr/bin:/bin LD_LIBRARY_PATH="$XSVM_LIBDIR" TMPDIR=/run/xsvm-tmp \
-        PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
+        PYTHONDONTWRITEBYTECODE=1 PYTHONFAULTHANDLER=1 PYTHONPATH="$XSVM_PYTHONPATH" "$XSVM_PYTHON" "$@"
 }
 if [ -n "$XSVM_PROBE" ]; then  # --probe FILE: a diagnostic script, run before the daemon starts
     echo "XSVM-DUMP-BEGIN probe"; host_python "$XSVM_PROBE" 2>&1; echo "XSVM-DUMP-END probe"
@@ -106,6 +120,14 @@ if [ -n "$XSVM_PYTIME" ]; then  # XS_XENVM_PYTIME=1: what the daemon's start-up 
     for c in pass pass 'import trio' 'import trio' 'import xenstored.cli' 'import xenstored.cli'; do
         ta=$(now); host_python -c "$c"; mark "PYTIME $(awk "BEGIN{print $(now) - $ta}")s python3 -c '$c'"
     done
+fi
+
+# A plain-Python control beside the daemon (XS_XENVM_CANARY=1, canary.py, README): started
+# before daemon_watch, whose finish() must know it too when the daemon dies.
+CANARY=""
+if [ -n "$XSVM_CANARY" ]; then
+    HP_EXEC=exec host_python "$XSVM_CANARY" > /run/canary.log 2>&1 &
+    CANARY=$!
 fi
 
 # --- the system XenStore
@@ -135,7 +157,9 @@ echo $XSD_PID > /run/xsd.pid
 daemon_watch() {
     mkfifo /run/xsd-watch.fifo && exec 8<> /run/xsd-watch.fifo  # read -t on it: a sleep
     while :; do
-        read -t 1 _ <&8
+        # every 0.25 s: the mark's time stands for the death's (the host pairs a fault of the
+        # daemon with another process's fault just before it, xenvm.py's DEATH_NOTICED_WITHIN)
+        read -t 0.25 _ <&8
         [ -e /run/xsvm-finished ] && return
         read -r p < /run/xsd.pid
         case "$p" in '' | *[!0-9]*) continue ;; esac  # being restarted (crash-restart stages)
@@ -144,11 +168,16 @@ daemon_watch() {
         [ "$q" = "$p" ] || continue  # restarted meanwhile
         mark "DAEMON-DIED pid $p (state '${st:-reaped}'); its log's last lines and the kernel's lines about it follow"
         {
-            tail -n 30 /run/xenstored.log
+            # faulthandler's report (PYTHONFAULTHANDLER, above) when it died of a fault
+            if grep -q '^Fatal Python error' /run/xenstored.log; then
+                sed -n '/^Fatal Python error/,$p' /run/xenstored.log | head -n 60
+            else
+                tail -n 30 /run/xenstored.log
+            fi
             echo "== dmesg"; dmesg | grep -iE "\[$p\]|segfault|general protection|traps:|oom" | tail -n 10
             echo "== trace"; tail -n 15 /run/xenstored-trace.log
         } > /tmp/daemon-died 2>&1
-        dump daemon-died /tmp/daemon-died 70
+        dump daemon-died /tmp/daemon-died 100
         i=0
         while [ $i -lt 90 ]; do
             read -t 1 _ <&8; [ -e /run/xsvm-finished ] && return; i=$((i + 1))
@@ -301,9 +330,30 @@ live_update() {  # replace the running daemon with a new process, a guest and wa
     roundtrip lu-guest-roundtrip
 }
 
+# xs_clients: dom0's processes other than the daemon that hold a socket, "comm[pid]xN" (N
+# sockets).  dom0 runs nothing else that uses sockets, so these are XenStore's socket clients:
+# listed at a crash-restart's kill and after it, they show which long-lived clients a real host
+# loses with the daemon (a client whose libxenstore reader thread saw the connection end closes
+# its fd: its count drops).  Two process starts only (ls, awk): every start risks the platform's
+# crash (README, Reliability).
+xs_clients() {
+    ls -l /proc/[0-9]*/fd 2>/dev/null | awk -v me="$XSD_PID" '
+        /^\/proc\/[0-9]+\/fd:$/ { split($0, a, "/"); p = a[3]; next }
+        / socket:\[/ { n[p]++ }
+        END { for (p in n) if (p != me) print p, n[p] }' > /tmp/xs-clients 2>/dev/null
+    out=""
+    while read -r p k; do
+        c="?"; [ -r /proc/$p/comm ] && read -r c < /proc/$p/comm
+        out="$out $c[$p]x$k"
+    done < /tmp/xs-clients
+    echo "${out# }"
+}
+
 crash_restart() {  # kill -9 the daemon under a running guest; the same command brings it back
     ta=$(now)
+    cl0=$(xs_clients)
     restart_daemon; n=$(timeout 5 xenstore-read /local/domain/0/name 2>&1)
+    mark "NOTE crash-restart: socket clients at the kill: $cl0; after it: $(xs_clients)"
     restart_xenconsoled
     kill $W 2>/dev/null  # dom0's watcher lost its socket connection with the daemon
     tb=$(now)
@@ -343,8 +393,13 @@ stage_crash_devices() {  # the device run's crash-restart: disk and vif connecte
     fi
     gcmd 60 'sha256sum /dev/xvda'; before=${GOUT%% *}  # vbd-write changed the disk: now, then
     ta=$(now)
+    cl0=$(xs_clients)
+    # From the kill on, xl's monitor of this domain hears no watch event again (README: Crash
+    # stages): nothing acts on its shutdown or reboot until a restore starts a new monitor.
+    MONITOR_LOST="xl's monitor of dom$D lost its XenStore connection in crash-restart"
     restart_daemon || { dfail crash-restart "the restarted daemon did not answer"; GUEST_LOST=1; return; }
     tr=$(since $ta)
+    mark "NOTE crash-restart: socket clients at the kill: $cl0; after it: $(xs_clients)"
     restart_xenconsoled
     gcmd 60 'echo 3 > /proc/sys/vm/drop_caches; sha256sum /dev/xvda'; rc=$?  # the guest's xenbus, then blkfront
     sum=${GOUT%% *}
@@ -372,7 +427,10 @@ VBD_B=51728   # xvdb = 202:16
 BE=/local/domain/0/backend
 
 SEQ=0
+NL="
+"
 GUEST_LOST=""
+MONITOR_LOST=""  # set when a crash-restart left xl's monitor of the guest deaf
 sig_note() {  # sig_note <status> <what>: a tool killed by a signal is the platform's crash (README)
     case "$1" in 132 | 134 | 135 | 139) mark "PLATFORM $2 killed by signal $(($1 - 128))" ;; esac
 }
@@ -384,9 +442,20 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
     GW=$!
     wait_for /tmp/gcmd.w cmd-reply 10 || echo "cmd $((SEQ)) (dom$D): dom0's cmd-reply watch not registered within 10 s" >> /tmp/gcmd.log
     gt=$(now)
-    # xenstore-read escapes a newline as \n: the guest gets the command on one line
-    xenstore-write $dp/data/cmd "$SEQ:$(echo "$2" | tr '\n' ' ')" ||
-        { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed"; return 125; }
+    # xenstore-read escapes a newline as \n: the guest gets the command on one line.  Joined by
+    # the shell itself, not `echo | tr`: a tr killed by the platform's crash sent the guest an
+    # empty command once (the crash-restart's checksum before the kill came back empty).
+    c="$SEQ:${2//$NL/ }"
+    xenstore-write $dp/data/cmd "$c"; ws=$?
+    if [ $ws -gt 128 ]; then
+        # Killed by the platform's crash (README), maybe after its write went through (seen: a
+        # restore's first command ran in the guest while dom0's xenstore-write had died of a
+        # segfault): write again; the guest runs each sequence number once.
+        sig_note $ws "xenstore-write data/cmd (cmd $SEQ)"
+        echo "cmd $SEQ (dom$D): xenstore-write killed by signal $((ws - 128)), written again" >> /tmp/gcmd.log
+        xenstore-write $dp/data/cmd "$c"; ws=$?
+    fi
+    [ $ws = 0 ] || { kill $GW 2>/dev/null; GOUT="xenstore-write $dp/data/cmd failed (exit $ws)"; return 125; }
     i=0; how=watch
     while [ $i -lt $(($1 * 2)) ]; do
         wait $GW 2>/dev/null  # returns when the reply changed, at the timeout, or at once later
@@ -659,6 +728,7 @@ stage_restore() {
     tx=$(since $ta)
     D=$(xl domid $name 2>/dev/null); dp=/local/domain/$D
     if [ $rc != 0 ] || [ -z "$D" ]; then dfail restore "xl restore exit $rc in ${tx}s"; GUEST_LOST=1; return; fi
+    MONITOR_LOST=""  # xl restore leaves a new monitor for the restored domain
     gcmd 60 'echo "$KEEP $(cat /tmp/keep) domid=$(xenstore-read domid)"; dd if=/dev/xvda bs=512 skip=64 count=1 2>/dev/null | head -c 40; echo'
     grc=$?; gout=$GOUT
     v1=$(echo "$gout" | awk '{print $1}'); v2=$(echo "$gout" | awk '{print $2}')
@@ -681,7 +751,7 @@ stage_reboot() {
     sig_note $rc "xl reboot"
     new=$(new_domid $old 120)
     if [ $rc != 0 ] || [ -z "$new" ]; then
-        dfail reboot "xl reboot exit $rc, domid still '$(xl domid $name 2>&1)' after $(since $ta)s"; GUEST_LOST=1; return
+        dfail reboot "xl reboot exit $rc, domid still '$(xl domid $name 2>&1)' after $(since $ta)s${MONITOR_LOST:+ ($MONITOR_LOST: nothing restarts the domain)}"; GUEST_LOST=1; return
     fi
     D=$new; dp=/local/domain/$D
     if ! wait_node 120 $dp/data/guest-up 'boot='; then
@@ -705,12 +775,21 @@ stage_shutdown() {
     sig_note $rc "xl shutdown"
     tx=$(since $ta)
     released shutdown 20; rel=$?
+    how="xl's monitor destroyed it"
+    if [ -n "$MONITOR_LOST" ] && [ $rc = 0 ]; then
+        # The guest powered off, but the monitor that would destroy it is deaf (measured: it
+        # stays shut down, "---s--", for ever): what a real host must do by hand after a
+        # XenStore restart (README: Crash stages).  The daemon's part is checked all the same:
+        # the domain's nodes and backends go when it is destroyed.
+        timeout 30 xl destroy $D > /tmp/xl-destroy.log 2>&1
+        how="destroyed by hand with xl destroy: $MONITOR_LOST"
+    fi
     wait_gone 10 $BE/vbd/$D $BE/vif/$D $dp; gone=$?
     leftover=$(for k in vbd vif; do xenstore-list $BE/$k 2>/dev/null; done | tr '\n' ' ')
     if [ $rc = 0 ] && [ $rel = 0 ] && [ $gone = 0 ] && [ -z "$leftover" ]; then
-        ok shutdown "clean xl shutdown in ${tx}s (guest powered off through control/shutdown), @releaseDomain fired, $BE/vbd/$D, $BE/vif/$D, $dp gone"
+        ok shutdown "clean xl shutdown in ${tx}s (guest powered off through control/shutdown), @releaseDomain fired, $BE/vbd/$D, $BE/vif/$D, $dp gone ($how)"
     else
-        dfail shutdown "xl shutdown exit $rc in ${tx}s, @releaseDomain fired=$((1 - rel)), gone=$((1 - gone)) ($left), backends left: '$leftover'"
+        dfail shutdown "xl shutdown exit $rc in ${tx}s, @releaseDomain fired=$((1 - rel)), gone=$((1 - gone)) ($left), backends left: '$leftover' ($how)"
     fi
 }
 

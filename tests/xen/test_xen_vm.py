@@ -36,7 +36,7 @@ def _xenvm(capsys: pytest.CaptureFixture[str], *args: str) -> None:
     ring at start-up) and is fixed."""
     cmd = [sys.executable, str(HERE / "xenvm.py"), *args]
     r = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800)
-    summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("xenvm: stage", "xenvm: attempt", "xenvm: guest lost", "xenvm: daemon died", "XENVM"))]
+    summary = [ln for ln in r.stdout.splitlines() if ln.startswith(("xenvm: stage", "xenvm: attempt", "xenvm: guest lost", "xenvm: daemon died", "xenvm: note", "XENVM"))]
     with capsys.disabled():
         print("\n" + "\n".join(summary), flush=True)
     # 3: every boot was spoilt by a process crashing outside the daemon (QEMU TCG, see README):

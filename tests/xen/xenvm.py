@@ -536,6 +536,8 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
             print(f"xenvm: guest lost at t={ln.t:6.1f}s: {ln.text[len('XSVM GUEST-LOST '):]}")
         elif ln.text.startswith("XSVM DAEMON-DIED "):  # dom0's watch on the daemon's process
             print(f"xenvm: daemon died at t={ln.t:6.1f}s: {ln.text[len('XSVM DAEMON-DIED '):]}")
+        elif ln.text.startswith("XSVM NOTE "):  # facts a stage records without judging them
+            print(f"xenvm: note at t={ln.t:6.1f}s: {ln.text[len('XSVM NOTE '):]}")
     prev = 0.0
     for name, t, status, detail in rows:
         print(f"xenvm: stage {name:<22} {status:<4} t={t:6.1f}s (+{t - prev:5.1f}s) {detail}")
@@ -573,6 +575,13 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
 PLATFORM_RE = re.compile(
     r"segfault at [0-9a-f]+ ip|^Segmentation fault$|^Aborted$|^Illegal instruction$|"
     r"Assertion `.*' failed|^sh: bad number|general protection fault|^XSVM PLATFORM dom0-segfaults=[1-9]|"
+    # the dynamic loader tripping over its own data (an assertion in dl-version.c, seen cut to
+    # 100 characters in a guest's log line, which loses the "' failed" above)
+    r"Inconsistency detected by ld\.so: |"
+    # the guest's shell running a command whose name came out corrupt: guest-init.sh starts only
+    # xenstore-watch there, and "xestore-watch: not found" was seen (the watcher then never sent
+    # its WATCH: pv-guest-checks' no-initial-watch-event).  The real name missing stays a failure.
+    r"^guest: a watcher said: /init: line \d+: (?!xenstore-watch:)\S+: not found|"
     # glibc's heap checks (seen from processes the hotplug scripts start)
     r"^(\S+ )?(free|malloc|realloc|double free or corruption|corrupted size)\b.*(\(\)|corrupt|invalid)|"
     r"^[^ ]+: line \d+: +\d+ (Segmentation fault|Aborted)|"
@@ -581,16 +590,116 @@ PLATFORM_RE = re.compile(
     # text came back corrupt from the read-only 9p share (seen once, in block's `$(xenstore_read
     # "$XENBUS_PATH/params")`, after the same script had attached xvda)
     r"^/etc/xen/scripts/\S+: (command substitution: )?line \d+: "
-    r"(unexpected EOF while looking for matching|syntax error)"
+    r"(unexpected EOF while looking for matching|syntax error)|"
+    # dom0's /init (busybox's shell running dom0-init.sh) killed by SIGILL/SIGABRT/SIGBUS/SIGSEGV
+    # (+0x80 with a core): dom0 panics at once, before any verdict or dump.  Seen with a general
+    # protection fault in busybox's malloc (its unsorted bin's bk pointer read as "99999999"),
+    # the same code and the same wild heap pointers as the other dom0 processes' crashes.
+    r"Kernel panic - not syncing: Attempted to kill init! exitcode=0x000000[08][467b]$"
 )
+
+# The kernel's report of a user process killed by a fault (traps.c / fault.c), as dom0's dumps
+# carry it: "[   22.064695] traps: python3[134] general protection fault ip:... in libpython...",
+# "[   52.1] busybox[415]: segfault at 0 ip ... in busybox[...]".
+KERNEL_FAULT_RE = re.compile(
+    r"^\[\s*(\d+\.\d+)\] (?:traps: )?(\S+?)\[(\d+)\]:? "
+    r"(general protection fault|segfault at|trap invalid opcode|trap stack segment|trap divide error)"
+)
+DAEMON_DIED_RE = re.compile(r"^XSVM DAEMON-DIED pid (\d+).* t=([\d.]+)$")
+# faulthandler's first line (dom0 runs the daemon with PYTHONFAULTHANDLER=1).  Its handler makes
+# the fault a handled one, so the kernel then logs no "segfault at" line for the daemon.
+PY_FAULT_RE = re.compile(r"^Fatal Python error: (Segmentation fault|Bus error|Illegal instruction|"
+                         r"Floating point exception|Aborted)")
+# A thread's header in faulthandler's report: its id is pthread_self(), read through the thread's
+# own TLS pointer (the FS segment base) when the thread started.
+PY_THREAD_RE = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+) \(most recent call first\):")
+# How close before the daemon's fault another process's fault must be for both to count as one
+# corruption of the platform's memory: measured 0.04 s apart (see daemon_died_with_platform).
+CORRUPTION_WINDOW = 2.0
+# When only faulthandler tells of the daemon's fault, its time is dom0's DAEMON-DIED mark: dom0
+# polls the daemon's process every 0.25 s, so the fault came at most this much before the mark.
+DEATH_NOTICED_WITHIN = 0.5
 
 
 def platform_crashes(res: Result) -> list[str]:
-    """The crashes outside the daemon in this boot; none if the daemon itself died: its own
-    segfault counts among dom0's but may be its own doing (it calls C through ctypes)."""
-    if any(ln.text.startswith("XSVM DAEMON-DIED ") for ln in res.lines):
-        return []
+    """The crashes outside the daemon in this boot.  If the daemon itself died, none, unless
+    daemon_died_with_platform() shows that another process had crashed the same way just
+    before it: the daemon's own fault may be its own doing (it calls C through ctypes)."""
+    if any(DAEMON_DIED_RE.match(ln.text) for ln in res.lines):
+        return daemon_died_with_platform(res)
     return [ln.text for ln in res.lines if not ln.text.startswith("(XEN)") and PLATFORM_RE.search(ln.text)]
+
+
+def daemon_died_with_platform(res: Result) -> list[str]:
+    """The daemon died of a fault *and* another dom0 process had faulted at most
+    CORRUPTION_WINDOW seconds before it: that pair, as one line; else nothing.
+
+    Seen in the device run: busybox (pid 415) took a general protection fault in glibc's
+    malloc (a wild unsorted-bin pointer, the platform's usual corruption, see README) and the
+    daemon, 0.04 s later, one inside libpython.  A bug of the daemon can corrupt only its own
+    memory (its ctypes calls and the ring pages it maps; another process's heap is out of its
+    reach), and its death cannot cause a fault that came before it: such a pair is the
+    platform's.  The daemon dying alone, of a fault or of an exception, is never retried.
+
+    The daemon's fault is the kernel's line for its pid (kernel time) or, under faulthandler,
+    which suppresses that line, faulthandler's report after the DAEMON-DIED mark (the fault
+    then came between DEATH_NOTICED_WITHIN before the mark and the mark, dom0's uptime)."""
+    died = [(m.group(1), float(m.group(2)), i) for i, ln in enumerate(res.lines) if (m := DAEMON_DIED_RE.match(ln.text))]
+    if not died:
+        return []
+    pids = {pid for pid, _, _ in died}
+    faults = [(float(m.group(1)), m.group(2), m.group(3), m.group(4), ln.text)
+              for ln in res.lines if (m := KERNEL_FAULT_RE.match(ln.text))]
+    others = [f for f in faults if f[2] not in pids]
+    # (daemon pid, kind of fault, earliest and latest time it can have happened)
+    daemon_faults = [(pid, kind, t, t) for t, _name, pid, kind, _ in faults if pid in pids]
+    if not daemon_faults:
+        pid, t_mark, i = died[0]
+        py = next((m.group(1) for ln in res.lines[i:] if (m := PY_FAULT_RE.match(ln.text))), None)
+        if py is not None:
+            daemon_faults = [(pid, py.lower(), t_mark - DEATH_NOTICED_WITHIN, t_mark)]
+    shared = shared_thread_id(res, died[0][2])
+    if shared:
+        note = (f"the daemon (pid {died[0][0]}) died of a fault in a thread whose id {shared} is another "
+                f"thread's too (faulthandler's report): it ran on that thread's TLS, which no code of "
+                f"the daemon can cause")
+        return [note]
+    for pid, kind, t_first, t_last in daemon_faults:
+        before = [f for f in others if t_first - CORRUPTION_WINDOW <= f[0] <= t_last]
+        if before:
+            t_o, name, opid, okind, text = before[-1]
+            when = (f"{t_last - t_o:.2f}s" if t_first == t_last
+                    else f"at most {t_last - t_o:.2f}s (dom0 noticed at {t_last:.2f}s)")
+            note = (f"the daemon (pid {pid}) died of a {kind} {when} after {name} (pid {opid}) "
+                    f"took a {okind}: {text}")
+            return [note]
+    return []
+
+
+def shared_thread_id(res: Result, start: int) -> str | None:
+    """A thread id that two threads share in the first faulthandler report after line ``start``
+    (the DAEMON-DIED mark), or None.
+
+    Seen once: the restarted daemon aborted in ``malloc(): corrupted top size`` while starting
+    its journal thread, and the report listed that new thread and the main thread under one id.
+    The id is pthread_self(), which a thread reads through its FS base; glibc gives each thread
+    its own, through clone(), so two threads with one id mean the new thread ran on the main
+    thread's TLS (its malloc state included): the FS-base confusion that also explains the
+    platform's wild TLS and heap pointers in other processes (README, Reliability)."""
+    ids: list[str] = []
+    inside = False
+    for ln in res.lines[start:]:
+        if PY_FAULT_RE.match(ln.text):
+            if inside:
+                break  # a second report: only the first one counts
+            inside = True
+        elif inside and (ln.text.startswith(("== ", "XSVM")) or ln.text.startswith("(XEN)")):
+            break
+        elif inside and (m := PY_THREAD_RE.match(ln.text)):
+            if m.group(1) in ids:
+                return m.group(1)
+            ids.append(m.group(1))
+    return None
 
 
 def print_excerpts(res: Result) -> None:
@@ -642,6 +751,8 @@ def run(guests: list[str], daemon: str = "ours", timeout: float = 300, cache: Pa
         "XSVM_PROBE": str(Path(probe).resolve()) if probe else "",
         # Read by dom0 through the host's root, like the daemon: a lost guest's ring (see README).
         "XSVM_RINGDUMP": str(HERE / "ringdump.py"),
+        # XS_XENVM_CANARY=1: a plain-Python control process beside the daemon (canary.py)
+        "XSVM_CANARY": str(HERE / "canary.py") if os.environ.get("XS_XENVM_CANARY") else "",
         "XSVM_LIVE_UPDATE": "1" if live_update else "",
         "XSVM_STRESS": os.environ.get("XS_XENVM_STRESS", ""),
         "XSVM_CPU": os.environ.get("XS_XENVM_CPU", ""),
