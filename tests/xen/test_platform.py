@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from xenvm import Line, Result, platform_crashes  # tests/xen is not a package: import it by path
+from xenvm import Line, Result, death_cause, platform_crashes  # tests/xen is not a package: import it by path
 
 
 def result(*texts: str) -> Result:
@@ -132,3 +132,22 @@ def test_a_corrupt_command_name_in_the_guests_shell_is_the_platform() -> None:
 def test_xenstore_watch_really_missing_in_the_guest_is_not_the_platform() -> None:
     line = "guest: a watcher said: /init: line 61: xenstore-watch: not found"
     assert platform_crashes(result(line)) == []
+
+
+def test_the_summary_names_the_daemons_fatal_error_and_the_kernels_word() -> None:
+    # CI keeps the summary and may cut the dumps: the cause must be in the summary's lines.
+    res = result(DIED, "XSVM-DUMP-BEGIN daemon-died", "Fatal Python error: Segmentation fault", "",
+                 "Current thread 0x00007f (most recent call first):",
+                 '  File "/x/trio/_core/_run.py", line 2280 in unrolled_run', "== dmesg", DAEMON_GP,
+                 "== trace", "IN 3 READ (/local/domain/0/name )", "XSVM-DUMP-END daemon-died")
+    assert death_cause(res) == ["Fatal Python error: Segmentation fault",
+                                "Current thread 0x00007f (most recent call first):",
+                                '  File "/x/trio/_core/_run.py", line 2280 in unrolled_run', f"dmesg: {DAEMON_GP}"]
+
+
+def test_the_summary_keeps_a_tracebacks_last_lines() -> None:
+    log = [f"2026-12-06 INFO line {i}" for i in range(40)] + ["Traceback (most recent call last):",
+                                                              "ValueError: the last words"]
+    res = result(DIED, "XSVM-DUMP-BEGIN daemon-died", *log, "== dmesg", "== trace", "XSVM-DUMP-END daemon-died")
+    cause = death_cause(res)
+    assert cause[-1] == "ValueError: the last words" and len(cause) == 12

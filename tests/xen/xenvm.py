@@ -536,6 +536,8 @@ def report(res: Result, console_log: Path, guests: list[str], daemon: str,
             print(f"xenvm: guest lost at t={ln.t:6.1f}s: {ln.text[len('XSVM GUEST-LOST '):]}")
         elif ln.text.startswith("XSVM DAEMON-DIED "):  # dom0's watch on the daemon's process
             print(f"xenvm: daemon died at t={ln.t:6.1f}s: {ln.text[len('XSVM DAEMON-DIED '):]}")
+            for cause in death_cause(res):
+                print(f"xenvm: daemon died | {cause}")
         elif ln.text.startswith("XSVM NOTE "):  # facts a stage records without judging them
             print(f"xenvm: note at t={ln.t:6.1f}s: {ln.text[len('XSVM NOTE '):]}")
     prev = 0.0
@@ -700,6 +702,39 @@ def shared_thread_id(res: Result, start: int) -> str | None:
                 return m.group(1)
             ids.append(m.group(1))
     return None
+
+
+# What the summary repeats of dom0's daemon-died dump (dom0-init.sh's daemon_watch): CI's report of
+# a failure keeps the summary lines but may cut the dumps, and a death whose cause is cut cannot be
+# told from the platform's (seen: CI showed "the daemon (pid 563) died" and nothing of why).
+DEATH_LOG_LINES = 12    # faulthandler's first line and innermost frames, or the log's last lines
+DEATH_KERNEL_LINES = 4  # the kernel's lines about it (a fault, the OOM killer)
+
+
+def death_cause(res: Result) -> list[str]:
+    """The telling lines of the daemon-died dump, [] if there is none."""
+    dump: list[str] = []
+    inside = False
+    for ln in res.lines:
+        if ln.text.startswith("XSVM-DUMP-BEGIN daemon-died"):
+            inside = True
+        elif inside and ln.text.startswith("XSVM-DUMP-END"):
+            break
+        elif inside:
+            dump.append(ln.text[:200])
+    sections: dict[str, list[str]] = {"log": []}
+    name = "log"
+    for text in dump:
+        if text.startswith("== "):
+            name = text[3:].strip()
+            sections[name] = []
+        elif text.strip():
+            sections[name].append(text)
+    log = sections["log"]
+    # faulthandler's report reads from the top; a traceback or a log's last words from the end
+    log = log[:DEATH_LOG_LINES] if log and PY_FAULT_RE.match(log[0]) else log[-DEATH_LOG_LINES:]
+    kernel = [f"dmesg: {t}" for t in sections.get("dmesg", [])[-DEATH_KERNEL_LINES:]]
+    return log + kernel
 
 
 def print_excerpts(res: Result) -> None:
