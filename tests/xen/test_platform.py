@@ -2,9 +2,10 @@
 
 A boot is retried only on a crash outside the daemon (README, Reliability).  The console lines
 below are from real device runs: dom0's /init killed by a general protection fault (dom0 panics
-before any dump), and the daemon killed by one 0.04 s after a busybox process took its own.  The
-negative cases guard the other half of the rule: a daemon that dies alone, of a fault or of an
-exception, or that faults *before* another process, is never the platform's."""
+before any dump), the daemon killed by one 0.04 s after a busybox process took its own, or by one
+in plain interpreter code (the canary's kind of death).  The negative cases guard the other half
+of the rule: a daemon that dies of an exception, of a fault the kernel alone reports, of one under
+its native modules, or that faults *before* another process, is never the platform's."""
 
 from __future__ import annotations
 
@@ -115,11 +116,39 @@ def test_two_threads_with_one_id_in_the_daemons_report_is_the_platform() -> None
     assert len(crashes) == 1 and "whose id 0x00007ff9a8786b80 is another thread's too" in crashes[0]
 
 
-def test_distinct_thread_ids_in_the_daemons_report_are_not_the_platform() -> None:
+def test_a_lone_fault_in_interpreter_code_is_the_platforms() -> None:
+    # run 12's kind: the canary (no ctypes, no device, no mapping) died the same way, as often
     res = result(RESTARTED_DIED, "Fatal Python error: Segmentation fault", "",
                  "Thread 0x00007fb483fbd6c0 (most recent call first):", '  File "journal.py", line 328 in _run', "",
                  "Current thread 0x00007fb48543cb80 (most recent call first):",
-                 '  File "logging/__init__.py", line 1601 in makeRecord', "== dmesg")
+                 '  File "/usr/lib/python3.11/logging/__init__.py", line 1601 in makeRecord',
+                 '  File "/host/work/main/xenstored/server.py", line 90 in run_socket_connection', "== dmesg")
+    crashes = platform_crashes(res)
+    assert len(crashes) == 1
+    assert "died of a fault in interpreter code, makeRecord in logging/__init__.py:1601" in crashes[0]
+
+
+def test_a_fault_under_the_daemons_native_work_is_the_daemons() -> None:
+    for native in ("hypervisor/xen.py", "journal.py", "ring.py", "ringpump.py"):
+        res = result(RESTARTED_DIED, "Fatal Python error: Segmentation fault", "",
+                     "Current thread 0x00007fb48543cb80 (most recent call first):",
+                     f'  File "/host/work/main/xenstored/{native}", line 160 in next_domain',
+                     '  File "/host/work/main/xenstored/domains.py", line 300 in on_dom_exc', "== dmesg")
+        assert platform_crashes(res) == [], native
+
+
+def test_a_fault_with_no_python_frame_or_no_report_is_the_daemons() -> None:
+    no_frame = result(RESTARTED_DIED, "Fatal Python error: Aborted", "",
+                      "Current thread 0x00007fb48543cb80 (most recent call first):", "  <no Python frame>")
+    assert platform_crashes(no_frame) == []
+    cut = result(RESTARTED_DIED, "Fatal Python error: Segmentation fault", "", "== dmesg")
+    assert platform_crashes(cut) == []
+
+
+def test_an_exception_that_ends_the_daemon_is_never_retried() -> None:
+    res = result(RESTARTED_DIED, "XSVM-DUMP-BEGIN daemon-died", "Traceback (most recent call last):",
+                 '  File "/host/work/main/xenstored/service.py", line 290 in run', "ValueError: boom",
+                 "XSVM-DUMP-END daemon-died")
     assert platform_crashes(res) == []
 
 

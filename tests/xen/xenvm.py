@@ -666,6 +666,11 @@ def daemon_died_with_platform(res: Result) -> list[str]:
                 f"thread's too (faulthandler's report): it ran on that thread's TLS, which no code of "
                 f"the daemon can cause")
         return [note]
+    where = interpreter_fault(res, died[0][2])
+    if where:
+        note = (f"the daemon (pid {died[0][0]}) died of a fault in interpreter code, {where}, with none of "
+                f"its native work on the stack (the canary's kind of death)")
+        return [note]
     for pid, kind, t_first, t_last in daemon_faults:
         before = [f for f in others if t_first - CORRUPTION_WINDOW <= f[0] <= t_last]
         if before:
@@ -676,6 +681,42 @@ def daemon_died_with_platform(res: Result) -> list[str]:
                     f"took a {okind}: {text}")
             return [note]
     return []
+
+
+# The daemon's modules that do native work: ctypes calls, ioctls, mapped ring and journal pages.
+# A fault with one of them as the faulting thread's innermost frame may be the daemon's own bug.
+NATIVE_FRAME_RE = re.compile(r'^\s*File ".*/xenstored/(hypervisor/\w+|journal|ring|ringpump)\.py", line \d+')
+PY_FRAME_RE = re.compile(r'^\s*File "(.*)", line (\d+) in (\S+)')
+
+
+def interpreter_fault(res: Result, start: int) -> str | None:
+    """Where the daemon faulted ("<function> in <file>:<line>"), when faulthandler's first report
+    after line ``start`` (the DAEMON-DIED mark) puts the fault in plain Python code, else None.
+
+    The control (canary.py: the same interpreter doing dict and logging work, with no ctypes, no
+    device and no mapping) died that way on this platform at about the rate the daemon did
+    (README, The daemon's deaths): such a death says nothing about the daemon, and the boot is
+    retried, once in CI (``--retries 1``), so that a daemon that faults on every boot still fails.
+    Not retried: a death without faulthandler's report, an exception (no report either), a
+    thread with no Python frame, or a fault under one of the daemon's native modules."""
+    inside = current = False
+    for ln in res.lines[start:]:
+        if not inside:
+            inside = bool(PY_FAULT_RE.match(ln.text))
+            continue
+        if ln.text.startswith(("== ", "XSVM", "(XEN)")):
+            return None
+        if ln.text.startswith("Current thread "):
+            current = True
+            continue
+        if current:
+            if NATIVE_FRAME_RE.match(ln.text):
+                return None
+            m = PY_FRAME_RE.match(ln.text)
+            if m is None:
+                return None  # "<no Python frame>", or a report cut short
+            return f"{m.group(3)} in {'/'.join(m.group(1).split('/')[-2:])}:{m.group(2)}"
+    return None
 
 
 def shared_thread_id(res: Result, start: int) -> str | None:
