@@ -90,8 +90,23 @@ check_watchers() {
         wait $WC; died $? data/cmd; xenstore-watch data/cmd >&3 2>&1 & WC=$!
     fi
 }
+# busybox's `read -t` drops the bytes it has taken when its deadline passes mid-line: an event
+# that arrives in a timeout's last instant reaches the next `read` without its head (seen: "ata/cmd",
+# once in 8 device runs; the command was lost and the guest looked hung, though the daemon had
+# delivered the event and the guest's kernel had read it off the ring).  xenstore-watch prints
+# the watched path alone, so a tail of one of ours stands for it.
+whole_event() {  # sets ev to the watched path whose tail it is
+    case "$ev" in data/cmd | data/to-guest | "") return ;; esac
+    for p in data/cmd data/to-guest; do
+        case "$p" in *"$ev")
+            echo "guest: event '$ev' read without its head (busybox's read -t): taken as $p" > /dev/console
+            ev=$p; return ;;
+        esac
+    done
+}
 initial=""
 while read -t 10 -r ev <&3; do  # each watch fires once when registered
+    whole_event
     case "$ev" in
     *to-guest*) initial="$initial t" ;;
     *data/cmd*) initial="$initial c" ;;
@@ -104,12 +119,7 @@ xenstore-write data/guest-up "domid=$domid name=$name$devinfo"
 echo "guest: announced, waiting for dom0"
 first=1
 lastseq=""
-while true; do
-    # A timeout (no process started) so that the poweroff trap runs within a second.
-    if ! read -t 1 -r ev <&3; then
-        check_watchers
-        continue
-    fi
+handle_event() {  # one watch event, ev: the path that fired
     case "$ev" in
     *data/cmd*)
         # Logged on arrival (guest uptime, a builtin read): a command that never shows up here
@@ -151,7 +161,7 @@ while true; do
         fi
         ;;
     *to-guest*)
-        token=$(xenstore-read data/to-guest 2>/dev/null) || continue  # re-registered, no ping yet
+        token=$(xenstore-read data/to-guest 2>/dev/null) || return  # re-registered, no ping yet
         echo "guest: watch fired: $ev value=$token"
         if [ -n "$first" ]; then
             if [ -z "$errors" ]; then result="ok domid=$domid"; else result="FAIL$errors"; fi
@@ -164,4 +174,18 @@ while true; do
         ;;
     *) echo "guest: a watcher said: $ev" ;;
     esac
+}
+while true; do
+    # A timeout (no process started) so that the poweroff trap runs within a second.
+    if ! read -t 1 -r ev <&3; then
+        check_watchers
+        continue
+    fi
+    whole_event
+    if [ -z "$ev" ]; then  # every byte but the newline lost: either path (each is idempotent)
+        echo "guest: an event read without its head or path (busybox's read -t): taken as both" > /dev/console
+        ev=data/cmd; handle_event; ev=data/to-guest; handle_event
+    else
+        handle_event
+    fi
 done
