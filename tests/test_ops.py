@@ -522,3 +522,24 @@ def test_transaction_nodes_quota_counts_reads_too(core, d0):
         g.read(f"r{i}", tx=t)
     assert g.err(Op.READ, b"r4\0", t) == "ENOSPC"  # a fifth distinct node
     assert g.err(Op.TRANSACTION_END, b"T\0", t) == "ENOSPC"
+
+
+def test_a_long_batch_hands_its_first_replies_out_while_it_runs(core, d0):
+    # A pipelining client sends many requests at once; the edge's send (``flush``) gets the
+    # replies so far after every FLUSH_EVERY of them, so the client refills while the rest run.
+    from xenstored.ops import FLUSH_EVERY, handle
+    from xenstored.wire import Parser, encode
+
+    d0.write("/k", "v")
+    n = 2 * FLUSH_EVERY + 5
+    data = b"".join(encode(Op.READ, 100 + i, 0, b"/k\0") for i in range(n))
+    seen: list[list[int]] = []
+    parser = Parser()
+
+    def flush() -> None:
+        seen.append([m.req_id for m in parser.feed(d0.conn.take_output())])
+
+    handle(core, d0.conn, data, flush)
+    rest = [m.req_id for m in parser.feed(d0.conn.take_output())]
+    assert seen == [list(range(100, 100 + FLUSH_EVERY)), list(range(100 + FLUSH_EVERY, 100 + 2 * FLUSH_EVERY))]
+    assert rest == list(range(100 + 2 * FLUSH_EVERY, 100 + n))

@@ -781,13 +781,25 @@ def dispatch(core: Core, conn: Connection, msg: Message) -> None:
             errors[key] = errors.get(key, 0) + 1
 
 
-def handle(core: Core, conn: Connection, data: bytes) -> None:
+def handle(core: Core, conn: Connection, data: bytes, flush: Callable[[], object] | None = None) -> None:
     """Frame ``data`` and run every request it completes, in order: what an edge does with the
-    bytes a client sent.  Raises ProtocolError for bytes that are no request at all."""
+    bytes a client sent.  Raises ProtocolError for bytes that are no request at all.
+
+    ``flush`` (the edge's send) is called after every FLUSH_EVERY requests of a long batch, so
+    that a pipelining client gets its first replies, and sends more, while the rest are run:
+    with one send at the end, client and daemon take turns instead of working at once."""
+    n = 0
     for msg in conn.feed(data):
         if conn.closed:
             return
         dispatch(core, conn, msg)
+        n += 1
+        if n == FLUSH_EVERY and flush is not None:
+            n = 0
+            flush()
+
+
+FLUSH_EVERY = 32
 
 
 def answer(core: Core, conn: Connection, data: bytes) -> bytes | None:

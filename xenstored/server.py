@@ -9,6 +9,7 @@ iterates over other connections, so per-request cost is independent of how many 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -130,6 +131,12 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
             if not has_output():
                 return True
 
+    def send_early() -> None:
+        """The replies so far of a long batch (ops.handle's flush): a send error ends the
+        connection at the batch's own send, after the batch."""
+        with contextlib.suppress(OSError):
+            send_now()
+
     def end() -> None:
         hub.remove(fd)
         ended.set()
@@ -151,7 +158,7 @@ async def run_socket_connection(core: Core, conn: Connection, sock: pysocket.soc
         try:
             reply = answer(core, conn, data)
             if reply is None:
-                handle(core, conn, data)
+                handle(core, conn, data, send_early)
         except ProtocolError as e:
             log.warning("%s: protocol error, disconnecting: %s", conn.label, e)
             end()
