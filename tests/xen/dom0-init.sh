@@ -466,6 +466,11 @@ gcmd() {  # gcmd <seconds> <shell>: run in the guest's /init shell; GOUT = its o
             # How long each command took and how its reply was seen: a reply that only polling
             # found means a watch event (the guest's write to dom0's watcher) came late or never.
             echo "cmd $SEQ (dom$D): reply after $(since $gt)s (dom0 t=$(now)), seen by $how" >> /tmp/gcmd.log
+            # A reply that dom0's watch missed (seen once in CI, 60 s late after a restore): the
+            # trace says when the guest's reply reached the daemon and whether the daemon sent
+            # dom0's watcher its event, so the next such log tells "late guest" from "lost event".
+            [ "$how" = watch ] || grep -E "(WRITE \(data/cmd-reply $SEQ:|WATCH_EVENT \($dp/data/cmd-reply |WRITE \($dp/data/cmd $SEQ:)" \
+                /run/xenstored-trace.log 2>/dev/null | tail -n 6 | cut -c1-110 | sed 's/^/    trace: /' >> /tmp/gcmd.log
             r=${r#*:}; GOUT=${r#*:}; return "${r%%:*}" ;;
         esac
         sleep 0.5; i=$((i + 1))
