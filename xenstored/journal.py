@@ -65,6 +65,7 @@ _REC = struct.Struct("<BI")  # kind, payload length
 _NODE_REC = struct.Struct("<BIHIH")  # _REC and _NODE in one pack: the record written most
 SNAPSHOT_FRAME = 1 << 16  # bytes of records per frame in a snapshot
 _NODE = struct.Struct("<HIH")  # path length, value length, permission count
+_NODE_SIZE = _NODE.size
 _PERM = struct.Struct("<IB")  # domid, access | 0x80 when the entry is stale (XSA-322)
 _RING = struct.Struct("<II")  # domid, stream position
 _RING_REC = struct.Struct("<BIII")  # _REC and _RING in one pack: two of these per guest request
@@ -539,7 +540,7 @@ class Journal:
         n = len(value)
         # One join: ``+`` would copy the value twice more (a 2 KB value: 0.1 us each).
         self._buf.append(
-            b"".join((_NODE_REC.pack(NODE, _NODE.size + len(p) + n + len(pb), len(p), n, len(perms)), p, value, pb))
+            b"".join((_NODE_REC.pack(NODE, _NODE_SIZE + len(p) + n + len(pb), len(p), n, len(perms)), p, value, pb))
         )
         self.dirty = True
 

@@ -240,10 +240,9 @@ def write_in_place(core: Core, conn: Connection, msg: Message) -> bytes | None:
     found = store.lookup(path)
     if found is not None:
         key, cur = found
-        node_perms = store.record_perms(cur)
         if not conn.privileged:  # the privileged may write anything, with no quota to check
-            _check_overwrite(core, conn, path, value, node_perms, store.record_value_len(cur))
-        store.overwrite(key, cur, value)
+            _check_overwrite(core, conn, path, value, store.record_perms(cur), store.record_value_len(cur))
+        node_perms = store.overwrite(key, cur, value)
         core.fire_node_change(path, node_perms, node_perms)
         return OK
     return _create_in_place(core, conn, path, value)

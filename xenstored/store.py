@@ -728,11 +728,12 @@ class Store:
         vgen, _cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
         self._put_found(path, where, cur[:_TAIL] + _REC.pack(vgen, gen, pid), gen)
 
-    def overwrite(self, key: Key, cur: Record, value: bytes) -> int:
+    def overwrite(self, key: Key, cur: Record, value: bytes) -> Perms:
         """Replace the value of a live node as a commit of its own, keeping its permissions and
         child list: what a WRITE outside a transaction to an existing node does, without a write
         set.  ``key, cur`` come from :meth:`lookup` in the same request (nothing can have changed
-        in between on the single-threaded loop).  Returns the new generation."""
+        in between on the single-threaded loop).  Returns the node's permissions, which the
+        caller's watch events need and which it would otherwise unpack from ``cur`` again."""
         gen = self.gen + 1
         path = key[0]
         _vgen, cgen, pid = _REC.unpack_from(cur, len(cur) - _REC_SIZE)
@@ -740,8 +741,11 @@ class Store:
         if self.log is not None:
             self.log.node(path, value, node_perms)
         rec = b"".join((cur[: cur.index(0) + 1], value, _REC.pack(gen, cgen, pid)))  # one copy of the value
-        self.owned_bytes[node_perms[0].domid] += len(rec) - len(cur)
-        return self._replace(key, cur, rec, gen)
+        grow = len(rec) - len(cur)
+        if grow:  # a state key rewritten with a value of the same length, mostly: nothing to charge
+            self.owned_bytes[node_perms[0].domid] += grow
+        self._replace(key, cur, rec, gen)
+        return node_perms
 
     def _replace(self, key: Key, cur: Record, rec: Record, gen: int) -> int:
         """Commit ``rec`` in place of a live node's ``cur`` as generation ``gen``, where lookup
