@@ -86,7 +86,11 @@ def canonicalize_wire(raw: bytes, home: str) -> str:
     recently comes from a cache; one already in canonical form, absolute or relative
     (test-xenstore's, a guest's), is accepted by one match on the bytes, with no decode error to
     catch and no second check of the joined path; anything else takes the general way, which
-    says what is wrong."""
+    says what is wrong.
+
+    The absolute and relative branches are spelt out, not one helper called with a cache, a key,
+    a pattern and a builder: this runs for every request, and the call would cost each one more
+    than the look-up it wraps."""
     if raw[:1] == b"/":
         path = _absolute.get(raw)
         if path is None:
